@@ -1,0 +1,117 @@
+"""The `longctx` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from longctx.config import ConfigError, load_config, to_yaml
+
+EPILOG_TRAIN = """\
+examples:
+  longctx train                                   # the built-in tiny CPU preset (cp=2 ring, 2 Ray workers)
+  longctx train configs/llama-1b-32k.yaml --dry-run
+  longctx train configs/tiny.yaml train.steps=100 parallel.cp=1
+  longctx train run.name=myrun checkpoint.resume=auto   # continue a run from its last checkpoint
+  ray job submit --working-dir . -- longctx train configs/llama-8b-128k.yaml
+
+Any config key can be overridden as section.key=value; `longctx config show`
+prints every key with its resolved value.
+"""
+
+
+def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    """The first positional is the YAML file unless it looks like key=value."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, list(args)
+
+
+def _load(args: list[str]):
+    path, overrides = _split_config_and_overrides(args)
+    return load_config(path, overrides)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    cfg = _load(ns.args)
+    if ns.dry_run:
+        return dry_run(cfg)
+    from longctx.launch.driver import train
+    return train(cfg)
+
+
+def dry_run(cfg) -> int:
+    """Resolve, build on meta, print the plan; no processes, no files."""
+    from longctx.models.estimate import plan_text
+    from longctx.trainer.tokenizer import build_tokenizer
+
+    vocab = cfg.model.vocab_size or build_tokenizer(cfg.data.tokenizer).vocab_size
+    print(plan_text(cfg, vocab))
+    return 0
+
+
+def cmd_config_show(ns: argparse.Namespace) -> int:
+    print(to_yaml(_load(ns.args)), end="")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from longctx.trainer.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(ns.target, ns.overrides)
+    width = max(len(k) for k in metrics)
+    for k, v in metrics.items():
+        print(f"{k:<{width}}  {v:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="longctx",
+        description="Train long-context language models with context parallelism on Ray + DeepSpeed, "
+                    "configured by YAML, logged to MLflow.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (Ray workers; or launcher=local for one process)",
+                       description="Train with CONFIG.yaml (default: the built-in tiny CPU preset) and "
+                                   "key=value overrides. Without a Ray address an embedded local Ray is "
+                                   "started; under `ray job submit` the job's cluster is used.",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    t.add_argument("--dry-run", action="store_true",
+                   help="resolve the config, build the model on the meta device and print parameters, "
+                        "FLOPs per token, memory per GPU and the parallel plan; train nothing")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="inspect configurations")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="print the resolved YAML (defaults <- file <- overrides)")
+    show.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    show.set_defaults(func=cmd_config_show)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on held-out data",
+                       description="Evaluate a run folder (its latest checkpoint) or a checkpoint folder "
+                                   "on the run's held-out data; key=value overrides apply (e.g. "
+                                   "train.eval_batches=16).")
+    e.add_argument("target", metavar="CHECKPOINT_OR_RUN")
+    e.add_argument("overrides", nargs="*", metavar="key=value")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ConfigError as err:
+        print(f"longctx: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longctx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

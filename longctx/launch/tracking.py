@@ -1,0 +1,104 @@
+"""The driver's side of MLflow: where the store is, the run, params, artifacts, the plot.
+
+Workers only log metrics into the run the driver created (trainer/metrics.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+from longctx.config import Config, to_flat_dict
+
+logger = logging.getLogger("longctx")
+
+MLFLOW_PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch
+
+
+def tracking_uri(cfg: Config) -> str:
+    """logging.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite in the output folder."""
+    uri = cfg.logging.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    out = os.path.abspath(cfg.run.output_dir)
+    os.makedirs(out, exist_ok=True)
+    return f"sqlite:///{os.path.join(out, 'mlflow.db')}"
+
+
+def _client(uri: str):
+    # MLflow prints alembic migration chatter the first time it creates a store.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from mlflow import MlflowClient
+    return MlflowClient(uri)
+
+
+def _experiment_id(client, cfg: Config, uri: str) -> str:
+    exp = client.get_experiment_by_name(cfg.logging.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the store, not in the current folder
+        artifacts = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+    return client.create_experiment(cfg.logging.experiment, artifact_location=artifacts)
+
+
+def start_run(cfg: Config, uri: str, run_name: str, existing_run_id: Optional[str]) -> str:
+    """Create the run (or reopen `existing_run_id` on resume) and log params. Returns the run id."""
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    if existing_run_id:
+        client.update_run(existing_run_id, status="RUNNING")
+        run_id = existing_run_id
+        logged = client.get_run(run_id).data.params
+    else:
+        run = client.create_run(_experiment_id(client, cfg, uri), run_name=run_name,
+                                tags={"longctx.preset": getattr(cfg, "_preset", "custom")})
+        run_id, logged = run.info.run_id, {}
+    params = []
+    for key, value in to_flat_dict(cfg).items():
+        text = str(value)[:6000]
+        if key in logged:
+            if logged[key] != text:  # MLflow params are immutable; record what changed on resume
+                client.set_tag(run_id, f"resume.changed.{key}", text[:5000])
+            continue
+        params.append(Param(key, text))
+    for i in range(0, len(params), MLFLOW_PARAM_BATCH):
+        client.log_batch(run_id, params=params[i:i + MLFLOW_PARAM_BATCH])
+    return run_id
+
+
+def log_artifact(uri: str, run_id: str, path: str, subdir: Optional[str] = None) -> None:
+    _client(uri).log_artifact(run_id, path, subdir)
+
+
+def end_run(uri: str, run_id: str, ok: bool) -> None:
+    _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED", end_time=int(time.time() * 1000))
+
+
+def plot_loss_curve(uri: str, run_id: str, out_png: str) -> Optional[str]:
+    """Train and eval loss against step, read back from MLflow (so a resumed run plots whole)."""
+    client = _client(uri)
+    train = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+    if not train:
+        return None
+    evals = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval/loss"))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(*zip(*train), label="train loss", lw=1.4)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(f"loss — run {run_id[:8]}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

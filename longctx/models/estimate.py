@@ -1,0 +1,218 @@
+"""Back-of-the-envelope numbers: parameters, FLOPs, memory, peak throughput.
+
+Used by `longctx train --dry-run` (the plan) and by the metrics (MFU). Everything
+here is arithmetic on the config; nothing allocates real memory (the parameter
+count builds the model on the `meta` device).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from longctx.config import Config, ModelConfig, ffn_hidden, head_dim
+
+# --------------------------------------------------------------------------- params
+
+
+def count_params(model_cfg: ModelConfig, vocab_size: int, exclude_embedding: bool = False) -> int:
+    """Parameter count of the real model, built on the meta device (no memory, no init cost),
+    so it can never drift from `Transformer` itself."""
+    from longctx.models.llama import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg, vocab_size)
+    return model.num_params(exclude_embedding=exclude_embedding)
+
+
+def matmul_params(model_cfg: ModelConfig, vocab_size: int) -> int:
+    """Weights that take part in a matmul for every token: all linears of all layers plus
+    the lm head. The embedding lookup is a gather (no FLOPs) and norms are elementwise, so
+    neither counts; a tied lm head counts here as the head it is."""
+    m, d, f = model_cfg, head_dim(model_cfg), ffn_hidden(model_cfg)
+    attn = m.dim * m.n_heads * d + 2 * m.dim * m.n_kv_heads * d + m.n_heads * d * m.dim  # wq, wk, wv, wo
+    mlp = 3 * m.dim * f  # w1, w2, w3
+    return m.n_layers * (attn + mlp) + m.dim * vocab_size
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def causal_pairs_per_token(seq_len: int) -> float:
+    """Visible query-key pairs per query in a full causal row: (1 + 2 + ... + S) / S."""
+    return (seq_len + 1) / 2
+
+
+def attention_flops_per_token(model_cfg: ModelConfig, attn_pairs_per_token: float) -> float:
+    """Training attention FLOPs per token, repository convention (ARCHITECTURE.md):
+    forward = 4 * H * D per visible pair (2*D for q.k and 2*D for p.v), backward = 2.5x
+    forward (flash-style backward recomputes q.k), so training = 3.5x forward."""
+    forward = 4 * model_cfg.n_heads * head_dim(model_cfg) * attn_pairs_per_token
+    return 3.5 * forward * model_cfg.n_layers
+
+
+def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int,
+                    attn_pairs_per_token: Optional[float] = None) -> float:
+    """Training (forward + backward) FLOPs per token.
+
+    Dense part: 6 * matmul params (2 forward, 4 backward: grads w.r.t. inputs and weights).
+    Attention part: see `attention_flops_per_token`. `attn_pairs_per_token` defaults to a
+    full causal row of `seq_len`; with packed documents the visible pairs are fewer and the
+    caller may pass the measured number.
+    """
+    if attn_pairs_per_token is None:
+        attn_pairs_per_token = causal_pairs_per_token(seq_len)
+    return 6.0 * matmul_params(model_cfg, vocab_size) + attention_flops_per_token(model_cfg, attn_pairs_per_token)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+
+
+def activation_bytes_per_token(model_cfg: ModelConfig, vocab_size: int, dtype: str) -> dict[str, float]:
+    """Bytes saved for backward per local token (no activation checkpointing).
+
+    A deliberately simple count of the main tensors autograd keeps, per layer, in the
+    compute dtype (b bytes):
+      - 2 RMSNorms: input and output, 2 * 2 * dim
+      - attention: q, k, v after RoPE ((H + 2 H_kv) * D) and the output (H * D), plus the
+        kernel's fp32 log-sum-exp (H). The kernel is chunked, so nothing is S x S: memory is
+        linear in tokens.
+      - SwiGLU: w1 out, w3 out, silu(w1 out), their product: 4 * ffn_hidden
+    Outside the layers: the embedding output and final norm (2 * dim), the logits in the
+    compute dtype plus the fp32 copy the loss makes (vocab * (b + 4)), and RoPE cos/sin
+    (fp32, D per token, shared by all layers).
+    Not counted: fp32 temporaries of norms/RoPE, CP strategies' in-flight K/V buffers
+    (a few local K/V blocks), allocator fragmentation. Treat the total as a floor.
+    """
+    m, d, f = model_cfg, head_dim(model_cfg), ffn_hidden(model_cfg)
+    b = _dtype_bytes(dtype)
+    per_layer = b * (4 * m.dim + (2 * m.n_heads + 2 * m.n_kv_heads) * d + 4 * f) + 4 * m.n_heads
+    outside = b * 2 * m.dim + vocab_size * (b + 4) + 4 * d
+    return {"layers": m.n_layers * per_layer, "outside": outside}
+
+
+def memory_per_gpu(cfg: Config, vocab_size: int, world_size: Optional[int] = None) -> dict[str, float]:
+    """Estimated bytes per GPU: params, grads, optimizer, activations, total.
+
+    Per parameter: weights and grads in the training dtype; AdamW keeps two fp32 moments,
+    plus an fp32 master copy of the weights when training in bf16 (so 16 bytes a parameter
+    in both fp32 and bf16; with DDP + autocast the split differs but the total does not).
+    Sharding over all dp x cp ranks (the engine reduces gradients over both): ZeRO-1 shards
+    the optimizer states, ZeRO-2 also the grads, ZeRO-3 also the weights. The DDP engine
+    and ZeRO-0 shard nothing.
+    Activations: `activation_bytes_per_token` for the `micro_batch_size * seq_len / cp`
+    tokens this rank holds.
+    """
+    world = world_size if world_size is not None else cfg.ray.num_workers
+    n = count_params(cfg.model, vocab_size)
+    b = _dtype_bytes(cfg.train.dtype)
+    opt_per_param = 8 + (4 if cfg.train.dtype != "fp32" else 0)
+
+    stage = cfg.deepspeed.zero_stage if cfg.train.engine == "deepspeed" else 0
+    shard = lambda nbytes, from_stage: nbytes / world if stage >= from_stage else float(nbytes)  # noqa: E731
+
+    local_tokens = cfg.train.micro_batch_size * cfg.data.seq_len / cfg.parallel.cp
+    act = activation_bytes_per_token(cfg.model, vocab_size, cfg.train.dtype)
+    mem = {
+        "params": shard(n * b, 3),
+        "grads": shard(n * b, 2),
+        "optimizer": shard(n * opt_per_param, 1),
+        "activations": local_tokens * (act["layers"] + act["outside"]),
+    }
+    mem["total"] = sum(mem.values())
+    return mem
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _format_count(n: float) -> str:
+    for scale, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{n:.0f} "
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def plan_text(cfg: Config, vocab_size: int) -> str:
+    """Readable summary of what `longctx train` would run, for `--dry-run`."""
+    m, t = cfg.model, cfg.train
+    world = cfg.ray.num_workers
+    cp = cfg.parallel.cp
+    dp = world // cp
+    seq = cfg.data.seq_len
+    total = count_params(m, vocab_size)
+    non_emb = count_params(m, vocab_size, exclude_embedding=True)
+    fpt = flops_per_token(m, vocab_size, seq)
+    tokens_per_step = t.micro_batch_size * t.grad_accum * dp * seq
+    engine = f"deepspeed ZeRO-{cfg.deepspeed.zero_stage}" if t.engine == "deepspeed" else "ddp (nothing sharded)"
+    mem = memory_per_gpu(cfg, vocab_size, world)
+    tied = "tied" if m.tie_embeddings else "untied"
+    lines = [
+        f"model        dim={m.dim} layers={m.n_layers} heads={m.n_heads} kv_heads={m.n_kv_heads} "
+        f"head_dim={head_dim(m)} ffn_hidden={ffn_hidden(m)} vocab={vocab_size} ({tied} embeddings)",
+        f"parameters   {total:,} total ({_format_count(total).strip()}), {non_emb:,} non-embedding",
+        f"FLOPs/token  {fpt:,.0f} ({_format_count(fpt)}FLOP, training, causal attention over seq_len {seq})",
+        f"FLOPs/step   {_format_count(fpt * tokens_per_step)}FLOP",
+        f"tokens/step  {tokens_per_step:,} = micro_batch {t.micro_batch_size} x grad_accum {t.grad_accum} "
+        f"x dp {dp} x seq_len {seq}",
+        f"world        {world} workers = dp {dp} x cp {cp}, strategy {cfg.parallel.strategy}",
+        f"tokens/rank  {seq // cp:,} of each row (seq_len {seq} / cp {cp})",
+        f"engine       {engine}, dtype {t.dtype}",
+        f"memory/GPU   {format_bytes(mem['total'])} (estimate): params {format_bytes(mem['params'])}, "
+        f"grads {format_bytes(mem['grads'])}, optimizer {format_bytes(mem['optimizer'])}, "
+        f"activations {format_bytes(mem['activations'])}",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- peak FLOP/s
+
+# Dense (no 2:4 sparsity) peak FLOP/s from NVIDIA's datasheets: bf16/fp16 tensor cores,
+# tf32 tensor cores, and plain fp32 (what PyTorch uses for fp32 matmuls unless TF32 is
+# allowed). Matched as substrings of `torch.cuda.get_device_name` in order, most specific
+# first: "h100 pcie" before "h100", "l40s" before "l4"; "a10g" is spelled out because a
+# bare "a10" would also match "a100".
+_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("h100 pcie", {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
+    ("h100 nvl", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    ("h100", {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("h200", {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("a10g", {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+    ("l40s", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("l4", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+]
+
+
+def peak_flops(device: Union[torch.device, str], dtype: str) -> Optional[float]:
+    """Dense peak FLOP/s of `device` for training in `dtype` ("bf16", "fp16" or "fp32");
+    None on CPU or an unknown GPU (MFU is then not reported)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for pattern, peaks in _PEAK_FLOPS:
+        if pattern in name:
+            if dtype in ("bf16", "fp16"):
+                return peaks["bf16"]
+            # fp32 matmuls run on TF32 tensor cores only when the user allowed it.
+            return peaks["tf32"] if torch.get_float32_matmul_precision() != "highest" else peaks["fp32"]
+    return None
+
+
+__all__ = ["count_params", "matmul_params", "flops_per_token", "causal_pairs_per_token",
+           "attention_flops_per_token", "activation_bytes_per_token", "memory_per_gpu", "format_bytes",
+           "plan_text", "peak_flops"]

@@ -1,0 +1,209 @@
+"""A decoder-only Llama-style transformer, in one readable file.
+
+In the spirit of torchtitan's `models/llama3/model.py`: RMSNorm, RoPE, grouped-query
+attention, SwiGLU MLP, optional tied embeddings. The model contains no parallelism:
+every attention layer calls a function it is handed (`Transformer.set_attention`),
+and `longctx.parallel` decides what that function does (a local kernel, a ring
+exchange, an all-to-all, ...). Per-token tensors (`input_ids`, `position_ids`,
+`doc_ids`) may therefore be this rank's shard of a row; nothing here cares.
+
+Packed rows: `position_ids` restart at 0 at each document, so RoPE angles are
+computed from them on the fly (never from `arange(S)`), and `doc_ids` is handed to
+the attention function, which masks keys of other documents. Together they make a
+document inside a packed row see exactly what it would see alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longctx.config import ModelConfig, ffn_hidden, head_dim
+
+# fn(q [B,S,H,D], k [B,S,H_kv,D], v [B,S,H_kv,D], doc_ids [B,S] | None) -> out [B,S,H,D]
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor], *,
+                    backend: str = "auto") -> torch.Tensor:
+    """Single-device causal attention with the document mask: the default attention fn.
+
+    Imported lazily so that this file imports even where the kernel package does not
+    (e.g. while building on the meta device for a dry run).
+    """
+    from longctx.kernels import attention
+
+    return attention(q, k, v, q_doc=doc_ids, k_doc=doc_ids, causal=True,
+                     softmax_scale=1.0 / math.sqrt(q.shape[-1]), backend=backend)
+
+
+def default_attention(cfg: ModelConfig) -> AttentionFn:
+    # A partial of a module-level function (not a closure) so the model stays picklable.
+    return functools.partial(local_attention, backend=cfg.attention_backend)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: the mean of squares loses too much precision in bf16.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the rotary angles for each token: `[B, S, 1, dim/2]`, fp32.
+
+    Computed from the position ids on every call instead of cached per `arange(S)`,
+    because positions restart inside packed rows and are arbitrary under CP layouts.
+    Cheap next to the matmuls, and fp32 because bf16 angles are wrong by whole
+    radians at long positions.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
+    angles = position_ids.float()[..., None] * inv_freq  # [B, S, dim/2]
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) of `x [B, S, H, D]` (the "rotate half" layout)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = head_dim(cfg)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        # Not a submodule or a buffer: the parallel layer swaps it without touching state dicts.
+        self.attn_fn: AttentionFn = default_attention(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # K/V keep their H_kv heads: the kernels handle GQA, and CP strategies then
+        # move H/H_kv times fewer bytes than if we repeated them here.
+        out = self.attn_fn(q, k, v, doc_ids)
+        return self.wo(out.reshape(B, S, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, ffn_hidden(cfg))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size} (resolve it from the tokenizer first)")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Make the lm head share the embedding table (when configured). Called again by
+        `init_weights` because `to_empty()` after a meta-device build unties them."""
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) for embeddings and linears; the two projections that write
+        into the residual stream (attention wo, MLP w2) scaled by 1/sqrt(2 * n_layers) so
+        the residual's variance does not grow with depth (GPT-2); norms to 1.
+
+        Public so a model built on the meta device can be materialised with
+        `to_empty(device=...)` and then initialised (this also re-ties the lm head).
+        """
+        self.tie_weights()
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+        for layer in self.layers:
+            attn, mlp = layer.attention, layer.feed_forward
+            for lin in (attn.wq, attn.wk, attn.wv, mlp.w1, mlp.w3):
+                nn.init.normal_(lin.weight, mean=0.0, std=std)
+            for lin in (attn.wo, mlp.w2):
+                nn.init.normal_(lin.weight, mean=0.0, std=residual_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+
+    def set_attention(self, fn: AttentionFn) -> None:
+        """Route every layer's attention through `fn(q, k, v, doc_ids) -> out`."""
+        for layer in self.layers:
+            layer.attention.attn_fn = fn
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids, position_ids, doc_ids: `[B, S]` -> logits `[B, S, vocab]` in the lm head's dtype."""
+        cos, sin = rope_cos_sin(position_ids, head_dim(self.cfg), self.cfg.rope_theta)
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, doc_ids)
+        return self.output(self.norm(h))
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count, a tied tensor counted once. `exclude_embedding` drops the
+        token embedding table (with tied embeddings that is the lm head too)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if exclude_embedding:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+
+__all__ = ["Transformer", "TransformerBlock", "Attention", "FeedForward", "RMSNorm", "rope_cos_sin",
+           "apply_rope", "local_attention", "default_attention", "AttentionFn"]

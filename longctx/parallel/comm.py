@@ -1,0 +1,85 @@
+"""Communication helpers shared by the CP strategies.
+
+Gloo silently corrupts non-contiguous tensors, so every helper here makes its
+inputs contiguous before handing them to torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ByteCounter:
+    """Bytes this rank sent and received (what `last_stats` reports)."""
+
+    sent: int = 0
+    recv: int = 0
+
+    def add_sent(self, *tensors: torch.Tensor | None) -> None:
+        self.sent += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def add_recv(self, *tensors: torch.Tensor | None) -> None:
+        self.recv += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def resolve_group(group):
+    """(group, size, rank) for `group`; None means WORLD, or a trivial group without dist."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialised")
+        return None, 1, 0
+    if group is None:
+        group = dist.group.WORLD
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+class RingExchange:
+    """One posted ring step: send to the next rank of the group, receive from the previous.
+
+    `ring_exchange` posts the transfers and returns at once, so the caller can
+    compute on the current buffers while the next ones travel (double buffering)::
+
+        ex = ring_exchange([k, v, doc], group, counter)
+        ...compute on k, v, doc...
+        k, v, doc = ex.wait()          # the previous rank's tensors
+
+    None entries (e.g. no doc ids) are not sent and come back as None.
+    """
+
+    def __init__(self, tensors, group, counter: ByteCounter | None = None, tag_base: int = 0):
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        nxt = dist.get_global_rank(group, (rank + 1) % size)
+        prv = dist.get_global_rank(group, (rank - 1) % size)
+        # Send buffers are kept on self: they must stay alive until the transfer ends.
+        self._send = [None if t is None else t.contiguous() for t in tensors]
+        self._recv = [None if t is None else torch.empty_like(t) for t in self._send]
+        ops = []
+        # One tag per slot so that several tensors between the same pair of
+        # ranks can never be matched out of order; callers with two exchanges
+        # in flight at once give them different tag_base values.
+        for tag, (s, r) in enumerate(zip(self._send, self._recv), start=tag_base):
+            if s is None:
+                continue
+            ops.append(dist.P2POp(dist.isend, s, nxt, group=group, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, r, prv, group=group, tag=tag))
+        self._works = dist.batch_isend_irecv(ops) if ops else []
+        if counter is not None:
+            counter.add_sent(*self._send)
+            counter.add_recv(*self._recv)
+
+    def wait(self) -> list[torch.Tensor | None]:
+        for w in self._works:
+            w.wait()
+        self._works, self._send = [], None
+        return self._recv
+
+
+def ring_exchange(
+    tensors, group, counter: ByteCounter | None = None, tag_base: int = 0
+) -> RingExchange:
+    """Post one ring step for `tensors` (send to next rank, receive from previous); see RingExchange."""
+    return RingExchange(tensors, group, counter, tag_base)

@@ -1,0 +1,228 @@
+"""Engines: DeepSpeed ZeRO (stage 0-3) or torch DDP, behind one small interface.
+
+Both reduce gradients over the whole dp x cp world (`mesh.grad_group`) and
+average them. Ranks of one cp group hold different tokens of the same row, so
+their gradients must be *summed*: the loop multiplies each rank's loss by
+`mesh.loss_scale_for_grad_reduction` (= cp) before `backward`, which turns the
+engine's average over dp*cp ranks into sum-over-cp, mean-over-dp.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from longctx.config import Config
+
+
+def lr_lambda(cfg: Config):
+    """Multiplier of optim.lr at a step: linear warmup, then cosine, WSD or constant."""
+    o, total = cfg.optim, cfg.train.steps
+    warmup = min(o.warmup_steps, max(total - 1, 0))
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "constant":
+            return 1.0
+        if o.schedule == "wsd":  # warmup, stable, then linear decay over the last decay_fraction
+            decay_steps = max(1, int(round(total * o.decay_fraction)))
+            decay_start = total - decay_steps
+            if step < decay_start:
+                return 1.0
+            frac = min(1.0, (step - decay_start + 1) / decay_steps)
+            return 1.0 - (1.0 - o.min_lr_ratio) * frac
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return fn
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and biases (1-D tensors), as usual for LMs."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module):
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            foreach=model.parameters().__next__().device.type != "meta")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return opt, sched
+
+
+class Engine:
+    """What the training loop needs from an engine."""
+
+    module: torch.nn.Module  # call this for the forward pass
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> Optional[float]: ...  # optimizer step at the accumulation boundary; grad norm
+    def lr(self) -> float: ...
+    def save(self, folder: str) -> None: ...  # every rank calls; writes its part
+    def load(self, folder: str) -> None: ...
+    def full_grads(self) -> dict[str, torch.Tensor]: ...  # after backward, before step (tests)
+    def autocast(self): ...
+
+
+class DDPEngine(Engine):
+    def __init__(self, cfg: Config, model: torch.nn.Module, mesh, device: torch.device):
+        self.cfg, self.mesh, self.device = cfg, mesh, device
+        self.raw = model
+        if mesh.world_size > 1:
+            self.module = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                process_group=mesh.grad_group, broadcast_buffers=False)
+        else:
+            self.module = model
+        self.optimizer, self.scheduler = build_optimizer(cfg, model)
+        self.micro = 0
+
+    def autocast(self):
+        enabled = self.cfg.train.dtype == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.micro += 1
+        boundary = self.micro % self.cfg.train.grad_accum == 0
+        scaled = loss / self.cfg.train.grad_accum
+        if isinstance(self.module, torch.nn.parallel.DistributedDataParallel) and not boundary:
+            with self.module.no_sync():  # accumulate locally, reduce once per step
+                scaled.backward()
+        else:
+            scaled.backward()
+
+    def step(self) -> Optional[float]:
+        if self.micro % self.cfg.train.grad_accum:
+            return None
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad.detach().clone() for n, p in self.raw.named_parameters() if p.grad is not None}
+
+    def save(self, folder: str) -> None:
+        # DDP replicas are identical: rank 0 writes the state.
+        if self.mesh.rank == 0:
+            torch.save({"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "micro": self.micro},
+                       os.path.join(folder, "ddp_state.pt"))
+
+    def load(self, folder: str) -> None:
+        state = torch.load(os.path.join(folder, "ddp_state.pt"), map_location=self.device, weights_only=True)
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = state["micro"]
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The generated DeepSpeed config; `deepspeed.config` from YAML is merged over it."""
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 0.0,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.train.dtype == "bf16"},
+        # We hand DeepSpeed a torch AdamW: it runs on every device and keeps CPU
+        # runs free of DeepSpeed's JIT-compiled optimizer ops.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, cfg.deepspeed.config)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _init_deepspeed_comm(device: torch.device) -> None:
+    import deepspeed
+    import deepspeed.comm.torch as ds_torch_comm
+
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce used only by
+        # its inference path (about 30 s on a fresh machine); training uses gloo.
+        ds_torch_comm.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo",
+                               auto_mpi_discovery=False)
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, cfg: Config, model: torch.nn.Module, mesh, device: torch.device):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        self.cfg, self.mesh, self.device = cfg, mesh, device
+        if not dist.is_initialized():  # a single process: DeepSpeed still wants a process group
+            from longctx.trainer.distributed import init_single_process_group
+            init_single_process_group()
+        _init_deepspeed_comm(device)
+        optimizer, scheduler = build_optimizer(cfg, model)
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+            dist_init_required=False)
+        self.raw = model
+
+    def autocast(self):
+        return torch.autocast(self.device.type, enabled=False)  # DeepSpeed casts the module itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss)  # scales by 1/grad_accum itself
+
+    def step(self) -> Optional[float]:
+        boundary = self.module.is_gradient_accumulation_boundary()
+        self.module.step()
+        if not boundary:
+            return None
+        norm = self.module.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def lr(self) -> float:
+        return self.module.get_lr()[0]
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for name, p in self.module.module.named_parameters():
+            g = safe_get_full_grad(p)
+            if g is not None:
+                out[name] = g.detach().float().clone()
+        return out
+
+    def save(self, folder: str) -> None:
+        self.module.save_checkpoint(folder, tag="engine", save_latest=False)
+
+    def load(self, folder: str) -> None:
+        path, _ = self.module.load_checkpoint(folder, tag="engine", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no engine state in checkpoint '{folder}'")
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, mesh, device: torch.device) -> Engine:
+    if cfg.train.engine == "deepspeed":
+        return DeepSpeedEngine(cfg, model, mesh, device)
+    return DDPEngine(cfg, model, mesh, device)

@@ -1,0 +1,123 @@
+"""What a run reports: a progress bar and one log line on rank 0, metrics to MLflow.
+
+Only the logging rank (global rank 0) talks to MLflow. Metrics are buffered and
+sent with `log_batch` once per logging interval, so a step costs no round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+logger = logging.getLogger("longctx")
+
+
+def setup_logging() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s longctx %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def format_step_line(step: int, total: int, m: dict) -> str:
+    parts = [f"step {step:>{len(str(total))}}/{total}", f"loss {m['train/loss']:.4f}"]
+    if "train/grad_norm" in m:
+        parts.append(f"gnorm {m['train/grad_norm']:.3f}")
+    parts.append(f"lr {m['train/lr']:.2e}")
+    parts.append(f"{m['perf/tokens_per_s']:,.0f} tok/s")
+    parts.append(f"{m['perf/step_time_s'] * 1000:.0f} ms/step")
+    if "perf/mfu" in m:
+        parts.append(f"mfu {m['perf/mfu'] * 100:.1f}%")
+    if "perf/peak_mem_gib" in m:
+        parts.append(f"mem {m['perf/peak_mem_gib']:.2f} GiB")
+    return " | ".join(parts)
+
+
+class _Progress:
+    """tqdm on rank 0; under Ray the Ray-aware tqdm that renders on the driver."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if not enabled:
+            return
+        if os.environ.get("LONGCTX_UNDER_RAY") == "1":
+            from ray.experimental.tqdm_ray import tqdm
+            self.bar = tqdm(total=total, desc="train")
+            self.bar.update(initial)
+        else:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, leave=False)
+
+    def update(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}") if hasattr(self.bar, "set_postfix") else None
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class RunLogger:
+    def __init__(self, *, enabled: bool, run_id: Optional[str], tracking_uri: Optional[str],
+                 total_steps: int, start_step: int, log_every: int, progress_bar: bool,
+                 system_metrics: bool, resumed: bool):
+        self.enabled = enabled
+        self.total, self.log_every = total_steps, log_every
+        self.run_id, self.client = run_id, None
+        self.pending: list = []
+        self.monitor = None
+        if not enabled:
+            return
+        setup_logging()
+        self.progress = _Progress(total_steps, start_step, progress_bar)
+        if run_id is not None:
+            from mlflow import MlflowClient
+            self.client = MlflowClient(tracking_uri)
+            if system_metrics:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+                self.monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resumed,
+                                                    tracking_uri=tracking_uri)
+                self.monitor.start()
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def step(self, step: int, metrics: dict) -> None:
+        """Record one training step: buffer, update the bar, log a line each interval."""
+        if not self.enabled:
+            return
+        self.log(step, metrics)
+        self.progress.update(metrics["train/loss"])
+        if step % self.log_every == 0 or step == self.total:
+            logger.info(format_step_line(step, self.total, metrics))
+            self.flush()
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            logger.info(msg)
+
+    def flush(self) -> None:
+        if self.client is not None and self.pending:
+            # MLflow caps a batch at 1000 metrics.
+            for i in range(0, len(self.pending), 1000):
+                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000], synchronous=True)
+        self.pending = []
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.flush()
+        self.progress.close()
+        if self.monitor is not None:
+            self.monitor.finish()
