@@ -16,12 +16,14 @@ already used torch's thread pools can deadlock.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import queue
 import socket
 import time
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -54,7 +56,11 @@ def _child(rank, world_size, port, fn, args, results, timeout):
             out = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put(("ok", rank, out))
+        # Serialise to bytes: tensors put on a queue as-is are shared through
+        # file descriptors that vanish when this process exits.
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put(("ok", rank, buf.getvalue()))
     except BaseException:  # report everything, including KeyboardInterrupt/SystemExit
         results.put(("error", rank, traceback.format_exc()))
 
@@ -102,7 +108,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120.0) -> list:
                         first_error_at = first_error_at or time.monotonic()
                 continue
             if status == "ok":
-                done[rank] = payload
+                done[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors[rank] = payload
                 first_error_at = first_error_at or time.monotonic()

@@ -72,7 +72,8 @@ def prepare_run(cfg: Config) -> RunContext:
         f.write(to_yaml(cfg))
     os.replace(config_path + ".tmp", config_path)
 
-    ctx = RunContext(run_dir=run_dir, checkpoint_dir=checkpoint_dir, launch_id=uuid.uuid4().hex)
+    ctx = RunContext(run_dir=run_dir, checkpoint_dir=checkpoint_dir, launch_id=uuid.uuid4().hex,
+                     interactive=sys.stderr.isatty())
     if cfg.logging.mlflow:
         ctx.tracking_uri = tracking.tracking_uri(cfg)
         previous = ckpt.read_meta(resume).get("mlflow_run_id") if resume else None

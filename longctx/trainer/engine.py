@@ -157,13 +157,16 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def _init_deepspeed_comm(device: torch.device) -> None:
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
 
     if device.type == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce used only by
         # its inference path (about 30 s on a fresh machine); training uses gloo.
-        ds_torch_comm.build_shm_op = lambda: None
+        # (`import deepspeed.comm.torch as m` would bind PyTorch: deepspeed.comm
+        # re-exports `torch`, so fetch the module itself.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo",
                                auto_mpi_discovery=False)
 

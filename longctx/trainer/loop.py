@@ -42,6 +42,7 @@ class RunContext:
     mlflow_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
     resume_from: Optional[str] = None  # a checkpoint folder chosen by the launcher, if any
+    interactive: bool = False  # the launching terminal is a TTY: draw a progress bar
 
 
 def seed_everything(seed: int) -> None:
@@ -248,7 +249,7 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
     stop = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     log = RunLogger(enabled=mesh.is_logging_rank, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
                     total_steps=cfg.train.steps, start_step=trainer.step, log_every=cfg.logging.log_every,
-                    progress_bar=cfg.logging.progress_bar,
+                    progress_bar=cfg.logging.progress_bar and ctx.interactive,
                     system_metrics=cfg.logging.system_metrics and ctx.mlflow_run_id is not None,
                     resumed=resumed)
     if resumed:

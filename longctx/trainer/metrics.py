@@ -15,9 +15,17 @@ from typing import Optional
 logger = logging.getLogger("longctx")
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Writes through tqdm so log lines never break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
 def setup_logging() -> None:
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _TqdmHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s longctx %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -56,7 +64,8 @@ class _Progress:
 
     def update(self, loss: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}") if hasattr(self.bar, "set_postfix") else None
+            if hasattr(self.bar, "set_postfix"):  # Ray's tqdm has no postfix
+                self.bar.set_postfix(loss=f"{loss:.4f}")
             self.bar.update(1)
 
     def close(self) -> None:

@@ -11,8 +11,10 @@ Order and sharding:
   read disjoint documents.
 - Eval reads `data.eval_split` if set (hf), else the held-out documents of the training
   split: every `round(1 / eval_fraction)`-th document by index, which training skips.
-  Eval is one pass in dataset order. Synthetic eval is an infinite stream with its own
-  derived seed.
+  Eval is one pass in dataset order. With `eval_fraction=0` (and no eval split) nothing
+  is held out and eval reads the training documents. Synthetic eval is an infinite
+  stream with its own derived seed. (`data.eval_split` applies to hf only: files have
+  no named splits.)
 - The position is `{"epoch", "cursor", "seen"}`: the next index into the epoch's order
   (the raw record index for streaming, resumed with `.skip()`), so resuming never
   re-reads or re-tokenises what came before.
@@ -71,11 +73,15 @@ def _text_column(cfg: DataConfig, builder: str) -> str:
     return "text" if builder == "text" else cfg.text_field
 
 
-def _load(what: str, *args, **kwargs):
+def _load(what: str, *args, local: bool = True, **kwargs):
     """`datasets.load_dataset`, with its failures turned into a ConfigError naming `what`."""
     import datasets
 
+    counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
     try:
+        # Local data: skip the download-count ping to the Hub that `datasets` sends on every
+        # load (a DNS timeout of seconds per load on machines without internet).
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts and not local
         return datasets.load_dataset(*args, **kwargs)
     except ConfigError:
         raise
@@ -83,6 +89,8 @@ def _load(what: str, *args, **kwargs):
         raise ConfigError(f"{what} is empty (no documents)") from None
     except Exception as err:
         raise ConfigError(f"{what}: cannot load: {type(err).__name__}: {err}") from None
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
 
 
 def _text_only(ds, column: str, what: str):
@@ -139,7 +147,7 @@ def _load_hf_raw(cfg: DataConfig, split: str):
                                 or os.path.isfile(os.path.join(name, "state.json"))):
         ds = _load_from_disk(name, split, what)
         return ds.to_iterable_dataset() if cfg.streaming else ds
-    return _load(what, name, cfg.subset, split=split, streaming=cfg.streaming)
+    return _load(what, name, cfg.subset, split=split, streaming=cfg.streaming, local=os.path.isdir(name))
 
 
 def _load_from_disk(path: str, split: str, what: str):
