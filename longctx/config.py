@@ -213,7 +213,7 @@ def _check_keys(node: Any, source: str, prefix: str = "") -> None:
         if full not in SCHEMA_KEYS:
             raise _unknown_key_error(full, source)
         if full in _FREE_FORM:
-            if value is not None and not isinstance(value, (dict, DictConfig)):
+            if not isinstance(value, (dict, DictConfig)):
                 raise ConfigError(f"config key '{full}' (from {source}): expected a mapping, got {value!r}")
             continue
         child_is_section = dataclasses.is_dataclass(SCHEMA_KEYS[full])
@@ -230,6 +230,8 @@ def _reformat_omegaconf_error(err: OmegaConfBaseException, source: str) -> Confi
     expected = SCHEMA_KEYS.get(key)
     expected_name = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
     msg = str(err).splitlines()[0]
+    if "list" in expected_name.lower():
+        msg = f"write a list, e.g. {key}=[a,b] on the command line"
     return ConfigError(f"config key '{key}' (from {source}): expected {expected_name}; {msg}")
 
 
@@ -250,12 +252,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file '{path}' does not exist")
+        import yaml
+
         try:
-            layers.append((OmegaConf.load(path), path))
-        except Exception as err:  # yaml errors come in many types
+            with open(path) as f:
+                top = yaml.safe_load(f)
+        except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-        if not isinstance(layers[-1][0], DictConfig):
-            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        if top is not None and not isinstance(top, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level, "
+                              f"not a {type(top).__name__}")
+        # OmegaConf's own loader for the content: it reads `1e-5` as a float, PyYAML does not.
+        layers.append((OmegaConf.load(path) if top else OmegaConf.create({}), path))
     if overrides:
         layers.append((parse_overrides(overrides), "the command line"))
     for layer, source in layers:

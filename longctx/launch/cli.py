@@ -102,7 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse will not let `--dry-run` interrupt the key=value list, so overrides
+    # written after a flag come back as "unknown": take them if they look like overrides.
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(ns, "args") and all("=" in x and not x.startswith("-") for x in extra):
+            ns.args += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return ns.func(ns)
     except ConfigError as err:

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from typing import Optional
 
 from longctx.config import Config, ConfigError, from_container, to_container, to_yaml
@@ -89,6 +90,8 @@ def _ray_worker_entry(config: dict) -> None:
     import ray.train
 
     os.environ["LONGCTX_UNDER_RAY"] = "1"
+    # DeepSpeed's ZeRO still calls this torch collective by its old name.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     from longctx.trainer.loop import train_worker
 
     cfg = from_container(config["cfg"])
