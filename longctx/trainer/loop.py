@@ -246,6 +246,7 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
     if start is not None:
         trainer.load(start)
     resumed = start is not None
+    start_step = trainer.step  # the start checkpoint may be rotated away while we train
     stop = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     log = RunLogger(enabled=mesh.is_logging_rank, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
                     total_steps=cfg.train.steps, start_step=trainer.step, log_every=cfg.logging.log_every,
@@ -269,7 +270,7 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
                 log.info(f"eval @ {trainer.step}: " + " ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
             if every and trainer.step % every == 0 and trainer.step < stop:
                 trainer.save()
-        if trainer.step == stop and (not resumed or trainer.step > int(ckpt.read_meta(start)["step"])):
+        if trainer.step == stop and trainer.step > start_step:  # not when resuming an already finished run
             last_eval = trainer.evaluate()
             log.log(trainer.step, last_eval)
             log.info(f"eval @ {trainer.step}: " + " ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
