@@ -83,6 +83,7 @@ class TrainConfig:
     eval_batches: int = 4
     stop_at_step: Optional[int] = None  # end this launch at this step with a checkpoint; the schedule still targets train.steps
     device: str = "auto"  # auto | cpu | cuda
+    activation_checkpointing: bool = False  # recompute each block in backward: memory per layer ~ its input only
 
 
 @dataclass

@@ -29,13 +29,13 @@ def _overrides(engine: str, cp: int, world: int) -> list[str]:
             "logging.mlflow=false", "model.attention_backend=torch"]
 
 
-def _train_body(rank: int, world: int, engine: str, cp: int, run_dir: str):
+def _train_body(rank: int, world: int, engine: str, cp: int, run_dir: str, extra: tuple = ()):
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["DS_ACCELERATOR"] = "cpu"
     from longctx.config import load_config
     from longctx.trainer.loop import RunContext, Trainer
 
-    cfg = load_config(None, _overrides(engine, cp, world))
+    cfg = load_config(None, _overrides(engine, cp, world) + list(extra))
     trainer = Trainer(cfg, RunContext(run_dir=run_dir, checkpoint_dir=os.path.join(run_dir, "ckpt"),
                                       launch_id="test"))
     first = trainer.forward_backward(trainer.data.next_batch(cfg.train.micro_batch_size))
@@ -72,3 +72,12 @@ def test_dp2_cp2_matches_dp2_cp1_deepspeed(tmp_path):
     mixed = run_distributed(_train_body, 4, "deepspeed", 2, str(tmp_path / "b"), timeout=300)
     torch.testing.assert_close(mixed[0]["losses"], base[0]["losses"], rtol=RTOL, atol=0)
     _assert_grads_equal(mixed[0]["grads"], base[0]["grads"])
+
+
+def test_cp2_with_activation_checkpointing_matches_cp1_ddp(tmp_path):
+    """Ring attention recomputed in backward (communication included) still gives the cp=1 numbers."""
+    base = run_distributed(_train_body, 1, "ddp", 1, str(tmp_path / "cp1"), timeout=240)[0]
+    ac = run_distributed(_train_body, 2, "ddp", 2, str(tmp_path / "ac"), ("train.activation_checkpointing=true",),
+                         timeout=240)
+    torch.testing.assert_close(ac[0]["losses"], base["losses"], rtol=RTOL, atol=0)
+    _assert_grads_equal(ac[0]["grads"], base["grads"])

@@ -57,11 +57,12 @@ def _resume_target(cfg: Config, checkpoint_dir: str) -> Optional[str]:
 
 def prepare_run(cfg: Config) -> RunContext:
     """Checks inputs, creates the run folder and the MLflow run. Nothing is written before the checks pass."""
+    from longctx.trainer.loop import resolve_vocab_size
     from longctx.trainer.sources import check_data
     from longctx.trainer.tokenizer import build_tokenizer
 
     check_data(cfg.data)
-    build_tokenizer(cfg.data.tokenizer)
+    resolve_vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
     cfg.run.name = resolve_run_name(cfg)
     run_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
     checkpoint_dir = os.path.abspath(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"))

@@ -106,7 +106,8 @@ def memory_per_gpu(cfg: Config, vocab_size: int, world_size: Optional[int] = Non
     the optimizer states, ZeRO-2 also the grads, ZeRO-3 also the weights. The DDP engine
     and ZeRO-0 shard nothing.
     Activations: `activation_bytes_per_token` for the `micro_batch_size * seq_len / cp`
-    tokens this rank holds.
+    tokens this rank holds; with `train.activation_checkpointing` each layer keeps only its
+    input and one layer's full activations exist at a time.
     """
     world = world_size if world_size is not None else cfg.ray.num_workers
     n = count_params(cfg.model, vocab_size)
@@ -118,6 +119,10 @@ def memory_per_gpu(cfg: Config, vocab_size: int, world_size: Optional[int] = Non
 
     local_tokens = cfg.train.micro_batch_size * cfg.data.seq_len / cfg.parallel.cp
     act = activation_bytes_per_token(cfg.model, vocab_size, cfg.train.dtype)
+    if cfg.train.activation_checkpointing:
+        # Each block keeps only its input; one block at a time is rebuilt in full.
+        per_layer = act["layers"] / cfg.model.n_layers
+        act["layers"] = cfg.model.n_layers * _dtype_bytes(cfg.train.dtype) * cfg.model.dim + per_layer
     mem = {
         "params": shard(n * b, 3),
         "grads": shard(n * b, 2),

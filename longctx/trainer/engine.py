@@ -192,13 +192,18 @@ class DeepSpeedEngine(Engine):
         return torch.autocast(self.device.type, enabled=False)  # DeepSpeed casts the module itself
 
     def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed counts micro-steps in `step()`: it must follow every backward. Inside
+        # an accumulation window that call only advances the count; the optimizer runs
+        # at the boundary, in our `step()`.
+        boundary = self.module.is_gradient_accumulation_boundary()
         self.module.backward(loss)  # scales by 1/grad_accum itself
+        if not boundary:
+            self.module.step()
 
     def step(self) -> Optional[float]:
-        boundary = self.module.is_gradient_accumulation_boundary()
-        self.module.step()
-        if not boundary:
+        if not self.module.is_gradient_accumulation_boundary():
             return None
+        self.module.step()
         norm = self.module.get_global_grad_norm()
         return float(norm) if norm is not None else None
 

@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from longctx.config import Config
+from longctx.config import Config, ConfigError
 from longctx.models.estimate import causal_pairs_per_token, flops_per_token, peak_flops
 from longctx.models.llama import Transformer
 from longctx.parallel import build_mesh, build_strategy
 from longctx.trainer import checkpoint as ckpt
+from longctx.trainer.activation_checkpoint import apply_activation_checkpointing
 from longctx.trainer.distributed import pick_device
 from longctx.trainer.engine import build_engine
 from longctx.trainer.metrics import RunLogger
@@ -45,6 +46,15 @@ class RunContext:
     interactive: bool = False  # the launching terminal is a TTY: draw a progress bar
 
 
+def resolve_vocab_size(cfg: Config, tokenizer) -> int:
+    """model.vocab_size, or the tokenizer's when it is 0; never smaller than the tokenizer's."""
+    size = cfg.model.vocab_size or tokenizer.vocab_size
+    if size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
+                          f"data.tokenizer={cfg.data.tokenizer!r} ({tokenizer.vocab_size} tokens)")
+    return size
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -60,22 +70,20 @@ class Trainer:
         options = {"backend": cfg.model.attention_backend, **cfg.parallel.options}
         self.strategy = build_strategy(cfg.parallel.strategy, group=self.mesh.cp_group, **options)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        self.vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
-        if self.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                             f"vocabulary ({self.tokenizer.vocab_size})")
+        self.vocab_size = resolve_vocab_size(cfg, self.tokenizer)
 
         # Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(cfg.train.seed)
         with torch.device(self.device):
             model = Transformer(cfg.model, self.vocab_size)
         model.set_attention(self._attention)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
         self.model = model
         self.engine = build_engine(cfg, model, self.mesh, self.device)
         self.data = PackedRows(cfg.data, self.tokenizer, seq_len=cfg.data.seq_len,
                                dp_rank=self.mesh.data_rank, dp_size=self.mesh.data_world, split="train")
-        # Different ranks of a cp group must still draw the same dropout-free model
-        # path; per-rank randomness (none today) would be seeded from here.
+        # Anything random after init is seeded per data-parallel rank (a cp group shares it).
         seed_everything(cfg.train.seed + 1000 * self.mesh.dp_rank)
         self.step = 0
         self._eval_batches = None
