@@ -81,3 +81,12 @@ def test_cp2_with_activation_checkpointing_matches_cp1_ddp(tmp_path):
                          timeout=240)
     torch.testing.assert_close(ac[0]["losses"], base["losses"], rtol=RTOL, atol=0)
     _assert_grads_equal(ac[0]["grads"], base["grads"])
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_cp2_matches_cp1_other_zero_stages(stage, tmp_path):
+    extra = (f"deepspeed.zero_stage={stage}",)
+    base = run_distributed(_train_body, 1, "deepspeed", 1, str(tmp_path / "cp1"), extra, timeout=240)[0]
+    cp2 = run_distributed(_train_body, 2, "deepspeed", 2, str(tmp_path / "cp2"), extra, timeout=240)
+    torch.testing.assert_close(cp2[0]["losses"], base["losses"], rtol=RTOL, atol=0)
+    _assert_grads_equal(cp2[0]["grads"], base["grads"])

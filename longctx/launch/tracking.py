@@ -95,7 +95,7 @@ def plot_loss_curve(uri: str, run_id: str, out_png: str) -> Optional[str]:
         ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
-    ax.set_title(f"loss — run {run_id[:8]}")
+    ax.set_title(f"loss — {client.get_run(run_id).info.run_name}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
