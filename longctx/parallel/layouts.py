@@ -8,22 +8,24 @@ from it; subclasses (zigzag, striped, ...) only need to override
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.distributed as dist
 
 from .comm import resolve_group
 
 
-class Layout:
+class Layout(abc.ABC):
     name = "base"
 
     def __init__(self, group=None):
         self.group, self.cp_size, self.cp_rank = resolve_group(group)
 
     # -- the definition of the layout ---------------------------------------
+    @abc.abstractmethod
     def token_index(self, seq_len: int, rank: int | None = None, device=None) -> torch.Tensor:
         """int64 global token indices held by `rank` (this rank by default)."""
-        raise NotImplementedError
 
     def check_seq_len(self, seq_len: int) -> None:
         if seq_len % self.cp_size != 0:

@@ -6,6 +6,8 @@ function that is exact with respect to single-device attention on the full row.
 
 from __future__ import annotations
 
+import abc
+
 import difflib
 
 import torch
@@ -17,7 +19,7 @@ from .layouts import ContiguousLayout, Layout
 STRATEGIES = ("ring", "zigzag", "striped", "burst", "ulysses", "hybrid", "cad")
 
 
-class CPStrategy:
+class CPStrategy(abc.ABC):
     """Base class: shard/unshard/token_index come from the layout.
 
     Fields: `group` (the CP ProcessGroup, None without torch.distributed),
@@ -44,8 +46,9 @@ class CPStrategy:
     def token_index(self, seq_len: int, rank: int | None = None, device=None) -> torch.Tensor:
         return self.layout.token_index(seq_len, rank, device=device)
 
+    @abc.abstractmethod
     def attention(self, q, k, v, *, doc_ids=None, causal=True, softmax_scale=None):
-        raise NotImplementedError
+        """Exact attention over the whole sequence for this rank's local q, k, v."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cp_size={self.cp_size}, cp_rank={self.cp_rank}, backend={self.backend!r})"

@@ -25,6 +25,8 @@ first record of each file / split).
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 import hashlib
 import os
@@ -198,7 +200,7 @@ def _in_split(index: int, split: str, period: Optional[int]) -> bool:
 # ---------------------------------------------------------------------------- streams
 
 
-class DocumentStream:
+class DocumentStream(abc.ABC):
     """Documents of one split for one dp rank. Iterate for `Document`s; resumable."""
 
     def __init__(self, cfg: DataConfig, *, split: str, dp_rank: int, dp_size: int) -> None:
@@ -231,8 +233,9 @@ class DocumentStream:
         """The first position >= `position` that belongs to this dp rank."""
         return position + (self.dp_rank - position) % self.dp_size
 
+    @abc.abstractmethod
     def _documents(self) -> Iterator[Document]:
-        raise NotImplementedError
+        """Yields this rank's documents from the current position on."""
 
 
 class SyntheticStream(DocumentStream):
