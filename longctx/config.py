@@ -67,8 +67,12 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     cp: int = 2  # context-parallel size; dp = workers / cp
-    strategy: str = "ring"
+    strategy: str = "ring"  # ring | zigzag | striped | burst | ulysses | hybrid | cad | auto
     options: dict[str, Any] = field(default_factory=dict)  # strategy-specific options
+    cad_scope: str = "cp"  # cad only: "cp" = balance within a cp group, "dp" = across data-parallel ranks
+    node_size: int = 0  # ranks per node for topology-aware strategies; 0 = from the launch (LOCAL_WORLD_SIZE)
+    intra_node_gbps: float = 450.0  # link bandwidths (GB/s per rank) for the `auto` cost model
+    inter_node_gbps: float = 50.0
 
 
 @dataclass
@@ -164,6 +168,8 @@ _CHOICES = {
     "data.task": ("passkey", "mqar", "lm", "mix"),
     "data.format": (None, "json", "jsonl", "parquet", "txt"),
     "train.engine": ("deepspeed", "ddp"),
+    "parallel.strategy": ("ring", "zigzag", "striped", "burst", "ulysses", "hybrid", "cad", "auto"),
+    "parallel.cad_scope": ("cp", "dp"),
     "train.dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.schedule": ("cosine", "wsd", "constant"),

@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import attention_backward, attention_forward, merge_partials, visible_pairs
 from .comm import ByteCounter, ring_exchange
-from .strategy import CPStrategy
+from .strategy import CPStrategy, register
 
 # Distinct tag ranges: in backward a K/V exchange and a dK/dV exchange are in
 # flight at the same time between the same pair of ranks.
@@ -181,6 +181,7 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None, None, None
 
 
+@register("ring")
 class RingAttention(CPStrategy):
     """Ring attention on the contiguous layout (rank r holds tokens [r*S/N, (r+1)*S/N)).
 

@@ -54,11 +54,27 @@ class CPStrategy(abc.ABC):
         return f"{type(self).__name__}(cp_size={self.cp_size}, cp_rank={self.cp_rank}, backend={self.backend!r})"
 
 
-def _implemented() -> dict[str, type[CPStrategy]]:
-    # Imported here: the strategy modules import this one for CPStrategy.
-    from .ring import RingAttention
+_REGISTRY: dict[str, type[CPStrategy]] = {}
 
-    return {"ring": RingAttention}
+
+def register(name: str):
+    """Class decorator: make a strategy buildable by name. Each strategy module
+    registers itself; `longctx/parallel/__init__.py` imports them all."""
+    if name not in STRATEGIES:
+        raise ValueError(f"{name!r} is not in STRATEGIES; add it there first (it is the public list)")
+
+    def deco(cls: type[CPStrategy]) -> type[CPStrategy]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _implemented() -> dict[str, type[CPStrategy]]:
+    import longctx.parallel  # noqa: F401  (importing the package registers every strategy)
+
+    return _REGISTRY
 
 
 def build_strategy(name: str, group=None, **options) -> CPStrategy:
