@@ -46,8 +46,13 @@ def dry_run(cfg) -> int:
     from longctx.models.estimate import plan_text
     from longctx.trainer.tokenizer import build_tokenizer
 
+    from longctx.parallel.auto import apply_auto
+
     vocab = cfg.model.vocab_size or build_tokenizer(cfg.data.tokenizer).vocab_size
+    auto_text = apply_auto(cfg)
     print(plan_text(cfg, vocab))
+    if auto_text:
+        print(auto_text)
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 
 from longctx.config import Config, ConfigError, from_container, to_container, to_yaml
 from longctx.launch import tracking
+from longctx.parallel.auto import apply_auto
 from longctx.trainer import checkpoint as ckpt
 from longctx.trainer.loop import RunContext
 from longctx.trainer.metrics import setup_logging
@@ -63,6 +64,9 @@ def prepare_run(cfg: Config) -> RunContext:
 
     check_data(cfg.data)
     resolve_vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
+    auto_text = apply_auto(cfg)
+    if auto_text:
+        logger.info(auto_text)
     cfg.run.name = resolve_run_name(cfg)
     run_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
     checkpoint_dir = os.path.abspath(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"))
@@ -81,6 +85,11 @@ def prepare_run(cfg: Config) -> RunContext:
         previous = ckpt.read_meta(resume).get("mlflow_run_id") if resume else None
         ctx.mlflow_run_id = tracking.start_run(cfg, ctx.tracking_uri, cfg.run.name, previous)
         tracking.log_artifact(ctx.tracking_uri, ctx.mlflow_run_id, config_path)
+        if auto_text:
+            auto_path = os.path.join(run_dir, "auto_strategy.txt")
+            with open(auto_path, "w") as f:
+                f.write(auto_text + "\n")
+            tracking.log_artifact(ctx.tracking_uri, ctx.mlflow_run_id, auto_path)
     if cfg.checkpoint.resume not in ("auto", "none"):
         ctx.resume_from = resume
     return ctx

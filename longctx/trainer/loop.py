@@ -24,6 +24,7 @@ from longctx.config import Config, ConfigError
 from longctx.models.estimate import causal_pairs_per_token, flops_per_token, peak_flops
 from longctx.models.llama import Transformer
 from longctx.parallel import build_mesh, build_strategy
+from longctx.parallel.auto import apply_auto
 from longctx.trainer import checkpoint as ckpt
 from longctx.trainer.activation_checkpoint import apply_activation_checkpointing
 from longctx.trainer.distributed import pick_device
@@ -67,6 +68,7 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         self.device = pick_device(cfg.train.device)
         self.mesh = build_mesh(cfg.parallel.cp)
+        apply_auto(cfg)  # normally already resolved by the launcher; deterministic either way
         options = {"backend": cfg.model.attention_backend, **cfg.parallel.options}
         self.strategy = build_strategy(cfg.parallel.strategy, group=self.mesh.cp_group, **options)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -87,10 +89,15 @@ class Trainer:
         seed_everything(cfg.train.seed + 1000 * self.mesh.dp_rank)
         self.step = 0
         self._eval_batches = None
+        self._attn_stats: list[dict] = []
 
     # -- attention hook handed to the model -------------------------------------------------
     def _attention(self, q, k, v, doc_ids):
-        return self.strategy.attention(q, k, v, doc_ids=doc_ids, causal=True)
+        out = self.strategy.attention(q, k, v, doc_ids=doc_ids, causal=True)
+        # The strategy fills this dict in forward and again in the matching backward;
+        # read them all after the step (see `_cp_step_stats`).
+        self._attn_stats.append(self.strategy.last_stats)
+        return out
 
     # -- one micro-batch ------------------------------------------------------------------------
     def shard_batch(self, batch: dict) -> dict:
@@ -120,10 +127,44 @@ class Trainer:
         group_loss = self._cp_sum(loss_sum.to(torch.float64)) / n_valid.clamp(min=1)
         return float(group_loss)
 
+    # -- context-parallel accounting -----------------------------------------------------------------
+    _SUMMED = ("bytes_sent", "bytes_recv", "attn_flops")
+
+    def _cp_step_stats(self) -> dict:
+        """This step's CP traffic and attention-FLOP balance over the strategy's group.
+
+        Bytes and FLOPs are summed over every attention call of the step (all layers,
+        micro-batches, recomputation); other numeric stats a strategy reports (e.g.
+        CAD's planner time) are averaged over calls.
+        """
+        calls, self._attn_stats = self._attn_stats, []
+        if not calls:
+            return {}
+        totals = {k: float(sum(c.get(k, 0.0) for c in calls)) for k in self._SUMMED}
+        out = {"cp/bytes_sent": totals["bytes_sent"], "cp/bytes_recv": totals["bytes_recv"]}
+        extra = sorted({k for c in calls for k, v in c.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in self._SUMMED})
+        for key in extra:
+            vals = [float(c[key]) for c in calls if key in c]
+            out[f"cp/{key}"] = sum(vals) / len(vals)
+        group = getattr(self.strategy, "group", None)
+        size = getattr(self.strategy, "cp_size", 1)
+        if size > 1:
+            flops = torch.tensor([totals["attn_flops"]], dtype=torch.float64)
+            gathered = [torch.zeros_like(flops) for _ in range(size)]
+            dist.all_gather(gathered, flops, group=group)
+            per_rank = torch.cat(gathered)
+            out["cp/attn_flops_imbalance"] = float(per_rank.max() / per_rank.mean().clamp(min=1e-30))
+            sent = torch.tensor([totals["bytes_sent"]], dtype=torch.float64)
+            dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=group)
+            out["cp/bytes_sent_max"] = float(sent)
+        return out
+
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
+        self._attn_stats = []
         losses = []
         for _ in range(cfg.train.grad_accum):
             losses.append(self.forward_backward(self.data.next_batch(cfg.train.micro_batch_size)))
@@ -151,9 +192,7 @@ class Trainer:
             m["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         else:  # peak resident memory of this process (Linux reports KiB)
             m["perf/peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        stats = getattr(self.strategy, "last_stats", None) or {}
-        if "bytes_sent" in stats:
-            m["cp/bytes_sent_per_attn_call"] = float(stats["bytes_sent"])
+        m.update(self._cp_step_stats())
         return m
 
     # -- evaluation ------------------------------------------------------------------------------------
@@ -183,6 +222,7 @@ class Trainer:
             totals[3] += answer.sum().item()
             totals[4] += (correct & answer).sum().item()
         self.engine.module.train()
+        self._attn_stats = []  # evaluation traffic is not a training step's
         if self.mesh.world_size > 1:  # every rank holds distinct tokens of distinct rows
             dist.all_reduce(totals)
         loss = (totals[0] / totals[1].clamp(min=1)).item()

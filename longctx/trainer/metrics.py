@@ -43,6 +43,10 @@ def format_step_line(step: int, total: int, m: dict) -> str:
         parts.append(f"mfu {m['perf/mfu'] * 100:.1f}%")
     if "perf/peak_mem_gib" in m:
         parts.append(f"mem {m['perf/peak_mem_gib']:.2f} GiB")
+    if "cp/bytes_sent" in m:
+        parts.append(f"cp sent {m['cp/bytes_sent'] / 2**20:.1f} MiB")
+    if "cp/attn_flops_imbalance" in m:
+        parts.append(f"imbalance {m['cp/attn_flops_imbalance']:.2f}")
     return " | ".join(parts)
 
 
