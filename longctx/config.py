@@ -309,6 +309,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"parallel.cp={cfg.parallel.cp} does not divide ray.num_workers={cfg.ray.num_workers}: "
             f"the workers form data-parallel groups of cp ranks each")
+    if cfg.parallel.strategy == "cad" and cfg.parallel.cad_scope == "dp" and cfg.parallel.cp != 1:
+        raise ConfigError(f"parallel.cad_scope=dp balances whole rows across data-parallel ranks, so it needs "
+                          f"parallel.cp=1 (got {cfg.parallel.cp}); use parallel.cad_scope=cp to split rows")
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ConfigError("data.source=files needs data.paths (a list of json/jsonl/parquet/txt files)")
     if cfg.data.source == "hf" and not cfg.data.name:

@@ -90,3 +90,29 @@ def test_cp2_matches_cp1_other_zero_stages(stage, tmp_path):
     cp2 = run_distributed(_train_body, 2, "deepspeed", 2, str(tmp_path / "cp2"), extra, timeout=240)
     torch.testing.assert_close(cp2[0]["losses"], base["losses"], rtol=RTOL, atol=0)
     _assert_grads_equal(cp2[0]["grads"], base["grads"])
+
+
+@pytest.fixture(scope="module")
+def cp1_deepspeed_reference(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cp1ref"))
+    return run_distributed(_train_body, 1, "deepspeed", 1, path, timeout=240)[0]
+
+
+@pytest.mark.parametrize("strategy", ["ring", "zigzag", "striped", "burst", "ulysses", "hybrid", "cad"])
+def test_every_strategy_trains_like_cp1(strategy, cp1_deepspeed_reference, tmp_path):
+    """The default preset's model and engine (DeepSpeed ZeRO-2, fp32): cp=2 with each strategy
+    gives the cp=1 losses over 4 steps and the cp=1 gradients (rtol 1e-5)."""
+    out = run_distributed(_train_body, 2, "deepspeed", 2, str(tmp_path), (f"parallel.strategy={strategy}",),
+                          timeout=300)
+    torch.testing.assert_close(out[0]["losses"], cp1_deepspeed_reference["losses"], rtol=RTOL, atol=0)
+    _assert_grads_equal(out[0]["grads"], cp1_deepspeed_reference["grads"])
+
+
+def test_cad_dp_scope_trains_like_plain_data_parallel(tmp_path):
+    """CAD across data-parallel ranks (each holds different rows) changes where attention
+    runs, not the numbers: same losses and gradients as plain dp=2."""
+    plain = run_distributed(_train_body, 2, "deepspeed", 1, str(tmp_path / "plain"), timeout=300)
+    cad = run_distributed(_train_body, 2, "deepspeed", 1, str(tmp_path / "cad"),
+                          ("parallel.strategy=cad", "parallel.cad_scope=dp"), timeout=300)
+    torch.testing.assert_close(cad[0]["losses"], plain[0]["losses"], rtol=RTOL, atol=0)
+    _assert_grads_equal(cad[0]["grads"], plain[0]["grads"])

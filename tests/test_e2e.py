@@ -75,7 +75,8 @@ def test_ray_job_submit_default_preset(default_job):
     assert sorted(losses) == list(range(1, steps + 1))
     first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(steps - 2, steps + 1)) / 3
     assert last < 0.75 * first, f"loss did not fall: first steps {first:.3f}, last steps {last:.3f}"
-    for key in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "eval/loss", "eval/answer_accuracy"):
+    for key in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "eval/loss", "eval/answer_accuracy",
+                "cp/bytes_sent", "cp/attn_flops_imbalance"):
         assert client.get_metric_history(run.info.run_id, key), f"no {key} in MLflow"
     assert any(k.startswith("system/") for k in run.data.metrics), "no system metrics"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

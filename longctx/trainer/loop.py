@@ -56,6 +56,22 @@ def resolve_vocab_size(cfg: Config, tokenizer) -> int:
     return size
 
 
+def build_trainer_strategy(cfg: Config, mesh):
+    """The attention strategy for this worker and the group it spans.
+
+    Normally the cp group. CAD with `parallel.cad_scope=dp` instead balances core
+    attention across data-parallel ranks that hold different whole rows (cp=1), so
+    it spans the dp group.
+    """
+    options = {"backend": cfg.model.attention_backend, **cfg.parallel.options}
+    group = mesh.cp_group
+    if cfg.parallel.strategy == "cad":
+        options.setdefault("scope", cfg.parallel.cad_scope)
+        if cfg.parallel.cad_scope == "dp":
+            group = mesh.dp_group
+    return build_strategy(cfg.parallel.strategy, group=group, **options)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -69,8 +85,7 @@ class Trainer:
         self.device = pick_device(cfg.train.device)
         self.mesh = build_mesh(cfg.parallel.cp)
         apply_auto(cfg)  # normally already resolved by the launcher; deterministic either way
-        options = {"backend": cfg.model.attention_backend, **cfg.parallel.options}
-        self.strategy = build_strategy(cfg.parallel.strategy, group=self.mesh.cp_group, **options)
+        self.strategy = build_trainer_strategy(cfg, self.mesh)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.vocab_size = resolve_vocab_size(cfg, self.tokenizer)
 
