@@ -7,19 +7,34 @@
 See ARCHITECTURE.md, "Context parallelism".
 """
 
-from .layouts import LAYOUTS, ContiguousLayout, Layout
+from .layouts import LAYOUTS, ContiguousLayout, Layout, StripedLayout, ZigzagLayout
 from .mesh import Mesh, build_mesh
 from .ring import RingAttention
+from .zigzag import ZigzagAttention
+from .striped import StripedAttention
+from .burst import BurstAttention
+from .ulysses import UlyssesAttention
+from .hybrid import HybridAttention, HybridLayout
+from .cad.strategy import CADAttentionStrategy
 from .strategy import STRATEGIES, CPStrategy, build_strategy
 
 __all__ = [
+    "CADAttentionStrategy",
     "STRATEGIES",
     "build_strategy",
     "CPStrategy",
     "RingAttention",
+    "ZigzagAttention",
+    "StripedAttention",
+    "BurstAttention",
+    "UlyssesAttention",
+    "HybridAttention",
+    "HybridLayout",
     "Mesh",
     "build_mesh",
     "Layout",
     "ContiguousLayout",
+    "ZigzagLayout",
+    "StripedLayout",
     "LAYOUTS",
 ]

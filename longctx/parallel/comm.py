@@ -83,3 +83,69 @@ def ring_exchange(
 ) -> RingExchange:
     """Post one ring step for `tensors` (send to next rank, receive from previous); see RingExchange."""
     return RingExchange(tensors, group, counter, tag_base)
+
+
+def all_to_all(
+    x: torch.Tensor,
+    group,
+    scatter_dim: int,
+    gather_dim: int,
+    counter: ByteCounter | None = None,
+) -> torch.Tensor:
+    """All-to-all over `group`: split `x` into N equal chunks along `scatter_dim`,
+    send chunk j to rank j of the group, and concatenate the chunks received
+    along `gather_dim` in source-rank order.
+
+    E.g. sequence-sharded ``[B, S/N, H, D]`` with ``scatter_dim=2, gather_dim=1``
+    becomes head-sharded ``[B, S, H/N, D]`` (rank j gets heads ``[j*H/N, (j+1)*H/N)``
+    of every rank's tokens, rank 0's tokens first); ``scatter_dim=1,
+    gather_dim=2`` is the inverse. With a trivial group it returns `x`.
+
+    `counter` counts what crosses the network: the (N-1)/N of `x` that goes to
+    other ranks is sent, and as much is received; the chunk a rank keeps for
+    itself is not counted. Not differentiable by itself (wrap it).
+    """
+    if group is None:
+        return x
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    nd = x.dim()
+    scatter_dim, gather_dim = scatter_dim % nd, gather_dim % nd
+    if x.shape[scatter_dim] % n != 0:
+        raise ValueError(
+            f"all_to_all: dim {scatter_dim} of shape {tuple(x.shape)} is not divisible by the group size {n}"
+        )
+    # [N, *chunk]: destination first, one contiguous buffer (gloo needs contiguous tensors).
+    send = x.unflatten(scatter_dim, (n, x.shape[scatter_dim] // n)).movedim(scatter_dim, 0).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    if counter is not None:
+        moved = send.numel() // n * (n - 1) * send.element_size()
+        counter.sent += moved
+        counter.recv += moved
+    # recv[j] came from rank j: put the source index next to gather_dim and merge.
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+
+
+def all_gather_cat(
+    x: torch.Tensor, group, dim: int = 1, counter: ByteCounter | None = None
+) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`, in group-rank order (not differentiable).
+
+    `counter` counts each rank's shard reaching the N-1 others: (N-1) x `x` bytes
+    sent and (N-1) x `x` bytes received (what a ring all-gather moves).
+    """
+    if group is None:
+        return x
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x, group=group)
+    if counter is not None:
+        moved = (n - 1) * x.numel() * x.element_size()
+        counter.sent += moved
+        counter.recv += moved
+    return torch.cat(parts, dim=dim)

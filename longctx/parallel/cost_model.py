@@ -21,11 +21,14 @@ its time is compute + comm. A ring that spans nodes runs at the inter-node
 bandwidth (every step waits for its slowest hop); burst's double ring sends
 (node_size-1) of every node_size steps over the intra-node links.
 
-Attention-FLOP imbalance (max/mean over ranks) under a causal mask: contiguous
-ring (2N-1)/N, zigzag / striped / burst / Ulysses ~1. Packed documents much
-shorter than a row shrink the ring's imbalance too: we scale its excess by
-min(1, mean document length / S). This is a model for choosing, not a promise:
-`longctx bench cp` measures the real numbers beside it.
+Attention-FLOP imbalance (max/mean over ranks) is computed, not assumed: the
+visible query-key pairs of each rank from its layout's token indices (contiguous,
+zigzag, striped) over a sampled document mix (lognormal lengths with the
+configured mean, sigma 1; one document per row when the mean is unknown). A
+single causal document gives the known values (ring (2N-1)/N, zigzag and striped
+~1); long-tailed packed documents unbalance zigzag too, while striped stays ~1.
+Ulysses splits heads, not tokens, so it is balanced by construction. This is a
+model for choosing, not a promise: `longctx bench cp` measures the real numbers.
 """
 
 from __future__ import annotations
@@ -86,11 +89,59 @@ def _compute_ms(w: Workload, imbalance: float, heads: Optional[int] = None) -> f
     return flops * imbalance / (w.peak_tflops * 1e12) * 1e3
 
 
-def _ring_imbalance(w: Workload, n: int) -> float:
-    if not w.causal or n == 1:
+LAYOUT_OF = {"ring": "contiguous", "zigzag": "zigzag", "striped": "striped", "burst": "zigzag",
+             "hybrid": "zigzag"}
+_IMBALANCE_TOKENS = 32768  # imbalance depends on shapes, not size: sample at most this many tokens
+
+
+def _layout_index(layout: str, seq_len: int, n: int, rank: int):
+    import torch
+
+    if layout == "striped":
+        return torch.arange(rank, seq_len, n)
+    if layout == "zigzag":
+        c = seq_len // (2 * n)
+        return torch.cat([torch.arange(rank * c, (rank + 1) * c),
+                          torch.arange((2 * n - 1 - rank) * c, (2 * n - rank) * c)])
+    per = seq_len // n
+    return torch.arange(rank * per, (rank + 1) * per)
+
+
+def _sample_doc_ids(seq_len: int, mean_len: Optional[float]):
+    import math
+
+    import torch
+
+    if not mean_len or mean_len >= seq_len:
+        return None
+    g = torch.Generator().manual_seed(0)
+    ids, pos, doc = torch.empty(seq_len, dtype=torch.long), 0, 0
+    mu = math.log(mean_len) - 0.5  # lognormal with sigma 1 has mean exp(mu + 1/2)
+    while pos < seq_len:
+        length = int(min(max(1.0, math.exp(mu + float(torch.randn((), generator=g)))), seq_len - pos))
+        ids[pos:pos + length] = doc
+        pos, doc = pos + length, doc + 1
+    return ids.unsqueeze(0)
+
+
+def layout_imbalance(layout: str, w: Workload, n: int) -> float:
+    """max/mean visible pairs over the n ranks of `layout` for w's mask."""
+    import torch
+
+    from longctx.kernels import visible_pairs
+
+    if n == 1:
         return 1.0
-    excess = (2 * n - 1) / n - 1.0
-    return 1.0 + excess * min(1.0, float(w.mean_doc_len or w.seq_len) / w.seq_len)
+    scale = max(1, w.seq_len // _IMBALANCE_TOKENS)
+    S = max(2 * n, (w.seq_len // scale) // (2 * n) * (2 * n))
+    docs = _sample_doc_ids(S, w.mean_doc_len / scale if w.mean_doc_len else None)
+    keys = torch.arange(S)
+    pairs = []
+    for r in range(n):
+        idx = _layout_index(layout, S, n, r)
+        q_doc = None if docs is None else docs[:, idx]
+        pairs.append(visible_pairs(idx, keys, q_doc, docs, w.causal, batch_size=1))
+    return max(pairs) / (sum(pairs) / n) if sum(pairs) else 1.0
 
 
 def _link_gbps(w: Workload, span: int) -> float:
@@ -116,7 +167,7 @@ def predict(name: str, w: Workload) -> Prediction:
     if w.seq_len % (2 * n):
         return Prediction(name, False, f"seq_len not divisible by 2*cp={2 * n}")
     if name in ("ring", "zigzag", "striped", "burst"):
-        p.imbalance = _ring_imbalance(w, n) if name == "ring" else 1.0
+        p.imbalance = layout_imbalance(LAYOUT_OF[name], w, n)
         p.bytes_per_rank = _ring_bytes(w, n, H, Hkv, L, q_rotating=name == "burst")
         if name == "burst" and n > w.node_size:
             # Double ring: most steps stay inside a node.
@@ -148,10 +199,11 @@ def predict(name: str, w: Workload) -> Prediction:
             ul = _ulysses_bytes(w, u, H, Hkv, L)
             ring = _ring_bytes(w, r, H / u, max(Hkv, u) / u, w.seq_len / r, q_rotating=False)
             comm = ul / (_link_gbps(w, u) * 1e9) * 1e3 + ring / (_link_gbps(w, n) * 1e9) * 1e3
-            compute = _compute_ms(w, 1.0)
+            compute = _compute_ms(w, layout_imbalance("zigzag", w, n))
             step = max(compute, ring / (_link_gbps(w, n) * 1e9) * 1e3) + ul / (_link_gbps(w, u) * 1e9) * 1e3
             cand = Prediction(name, True, bytes_per_rank=ul + ring, comm_ms=comm, compute_ms=compute,
-                              imbalance=1.0, step_ms=step, options={"ulysses_size": u})
+                              imbalance=layout_imbalance("zigzag", w, n), step_ms=step,
+                              options={"ulysses_size": u})
             if best is None or cand.step_ms < best.step_ms:
                 best = cand
         return best or Prediction(name, False, f"no ulysses x ring factorisation of cp={n} fits the heads")

@@ -88,4 +88,82 @@ class ContiguousLayout(Layout):
         return torch.cat(self._all_gather(local), dim=dim)
 
 
-LAYOUTS = {"contiguous": ContiguousLayout}
+class ZigzagLayout(Layout):
+    """The row in 2N equal chunks; rank r holds chunks r and 2N-1-r (in that order).
+
+    Under causal masking every rank then owns one early and one late chunk, so
+    each rank has exactly the same number of visible (query, key) pairs.
+    Needs seq_len divisible by 2 * cp_size.
+    """
+
+    name = "zigzag"
+
+    def check_seq_len(self, seq_len: int) -> None:
+        if seq_len % (2 * self.cp_size) != 0:
+            raise ValueError(
+                f"{self.name} layout: seq_len={seq_len} is not divisible by 2 * cp_size={2 * self.cp_size}"
+            )
+
+    def token_index(self, seq_len: int, rank: int | None = None, device=None) -> torch.Tensor:
+        self.check_seq_len(seq_len)
+        rank = self.cp_rank if rank is None else rank
+        c = seq_len // (2 * self.cp_size)
+        late = 2 * self.cp_size - 1 - rank
+        return torch.cat(
+            [
+                torch.arange(rank * c, (rank + 1) * c, dtype=torch.int64, device=device),
+                torch.arange(late * c, (late + 1) * c, dtype=torch.int64, device=device),
+            ]
+        )
+
+    def shard(self, full: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        seq_len = full.shape[dim]
+        self.check_seq_len(seq_len)
+        c = seq_len // (2 * self.cp_size)
+        late = 2 * self.cp_size - 1 - self.cp_rank
+        # Two slices instead of a gather; cat makes the result contiguous.
+        return torch.cat([full.narrow(dim, self.cp_rank * c, c), full.narrow(dim, late * c, c)], dim=dim)
+
+    def unshard(self, local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        if self.cp_size == 1:
+            return local
+        dim = dim % local.dim()
+        parts = self._all_gather(local)
+        c = local.shape[dim] // 2
+        early = [p.narrow(dim, 0, c) for p in parts]
+        late = [p.narrow(dim, c, c) for p in reversed(parts)]
+        return torch.cat(early + late, dim=dim)
+
+
+class StripedLayout(Layout):
+    """Rank r holds tokens r, r+N, r+2N, ... (Striped Attention, Brandon et al. 2023).
+
+    Every ring block is then a near-triangle under causal masking, so the
+    work is balanced without special cases (rank r's row i sees keys up to
+    token r + i*N). Needs seq_len divisible by cp_size (the strategies ask
+    for 2 * cp_size, like the others).
+    """
+
+    name = "striped"
+
+    def token_index(self, seq_len: int, rank: int | None = None, device=None) -> torch.Tensor:
+        self.check_seq_len(seq_len)
+        rank = self.cp_rank if rank is None else rank
+        return torch.arange(rank, seq_len, self.cp_size, dtype=torch.int64, device=device)
+
+    def shard(self, full: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        seq_len = full.shape[dim]
+        self.check_seq_len(seq_len)
+        dim = dim % full.dim()
+        # [.., S, ..] -> [.., S/N, N, ..]: token t = i*N + r sits at (i, r).
+        return full.unflatten(dim, (seq_len // self.cp_size, self.cp_size)).select(dim + 1, self.cp_rank).contiguous()
+
+    def unshard(self, local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        if self.cp_size == 1:
+            return local
+        dim = dim % local.dim()
+        # Interleave: stack the shards as the new inner axis, then merge it into the sequence.
+        return torch.stack(self._all_gather(local), dim=dim + 1).flatten(dim, dim + 1)
+
+
+LAYOUTS = {"contiguous": ContiguousLayout, "zigzag": ZigzagLayout, "striped": StripedLayout}

@@ -1,20 +1,39 @@
-"""Ring attention over the contiguous layout.
+"""Ring attention, and the building blocks of the whole ring family.
+
+`RingAttention` ("ring") runs on the contiguous layout; `zigzag` and
+`striped` (zigzag.py, striped.py) are the same algorithm on other layouts,
+and `burst` (burst.py) reuses the block helpers defined here.
 
 Forward: K/V (and doc ids) travel around the ring of the CP group; at step s
 this rank holds the block of rank (r - s) mod N, attends to it with the local
 kernel and merges the partial result into a running (out, lse) in fp32. The
 next block's transfer is posted before the current block is computed, so
-communication overlaps compute.
+communication overlaps compute (double buffering).
 
 Backward: K/V travel the same way, together with fp32 dK/dV accumulators.
 Each rank adds its contribution for the block it holds (computed from the
 *final* out/lse) and passes the accumulator on. K/V make N-1 hops; the
 accumulators make N, which brings each back to the rank that owns its block.
+Both exchanges of a step are posted before that step's block is computed
+(the K/V one at the top of the step, the dK/dV one is waited for only after
+the block's gradients are computed).
+
+Masks and skips follow from global token indices only, so the same code is
+exact for any layout (contiguous, zigzag, striped, ...). With causal masking
+`plan_block` trims each block to the rows and keys that can see something:
+for sorted local indices (all our layouts) the queries that see at least one
+key form a suffix and the keys seen by at least one query a prefix, so a
+zigzag block shrinks to the half that is visible, and a block whose trimmed
+part is fully visible runs without a mask. FLOPs are counted from the visible
+pairs of the trimmed block, which are exactly the visible pairs of the block.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ..kernels import attention_backward, attention_forward, merge_partials, visible_pairs
@@ -31,18 +50,166 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block_plan(q_index: torch.Tensor, k_index: torch.Tensor, causal: bool):
-    """(compute?, causal mask needed?) for a block, from CPU token indices.
+def _is_sorted(index: torch.Tensor) -> bool:
+    return index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
 
-    A block whose keys all come after every query is invisible under causal
-    masking: skip it. A block whose keys all come at or before every query
-    needs no causal mask, which lets the kernel skip masking work.
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The part of a (local queries x key block) product that has visible pairs.
+
+    Local query rows [q0, q1) and key positions [k0, k1); `masked` says
+    whether the causal mask is needed inside that part (False = every pair of
+    it is causally visible; document masks still apply).
     """
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    masked: bool
+
+
+def plan_block(q_index: torch.Tensor, k_index: torch.Tensor, causal: bool) -> BlockPlan | None:
+    """BlockPlan for queries `q_index` against keys `k_index` (CPU int64), None = skip.
+
+    Exact for any index sets: a skipped block has no causally visible pair,
+    and trimmed rows/keys have none either. Trimming needs sorted indices
+    (true for every layout here); unsorted ones are planned as a whole.
+    """
+    s_q, s_k = q_index.numel(), k_index.numel()
     if not causal:
-        return True, False
-    if int(k_index.min()) > int(q_index.max()):
-        return False, False
-    return True, int(k_index.max()) > int(q_index.min())
+        return BlockPlan(0, s_q, 0, s_k, False)
+    k_min, q_max = int(k_index.min()), int(q_index.max())
+    if k_min > q_max:
+        return None
+    if _is_sorted(q_index) and _is_sorted(k_index):
+        # Rows with q >= min(k) see something; keys with k <= max(q) are seen.
+        q0 = int(torch.searchsorted(q_index, k_min, right=False))
+        k1 = int(torch.searchsorted(k_index, q_max, right=True))
+        masked = int(k_index[k1 - 1]) > int(q_index[q0])
+        return BlockPlan(q0, s_q, 0, k1, masked)
+    return BlockPlan(0, s_q, 0, s_k, int(k_index.max()) > int(q_index.min()))
+
+
+class PeerExchange:
+    """Send `tensors` to group rank `dst` and receive the same shapes from `src`.
+
+    The generalisation of `comm.RingExchange` to any pair of peers (burst's
+    intra- and inter-node rings): posted at construction, `wait()` returns
+    the received tensors; None entries are skipped and come back as None.
+    """
+
+    def __init__(self, tensors, group, dst: int, src: int, counter: ByteCounter | None = None, tag_base: int = 0):
+        gdst, gsrc = dist.get_global_rank(group, dst), dist.get_global_rank(group, src)
+        self._send = [None if t is None else t.contiguous() for t in tensors]
+        self._recv = [None if t is None else torch.empty_like(t) for t in self._send]
+        ops = []
+        for tag, (s, r) in enumerate(zip(self._send, self._recv), start=tag_base):
+            if s is None:
+                continue
+            ops.append(dist.P2POp(dist.isend, s, gdst, group=group, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, r, gsrc, group=group, tag=tag))
+        self._works = dist.batch_isend_irecv(ops) if ops else []
+        if counter is not None:
+            counter.add_sent(*self._send)
+            counter.add_recv(*self._recv)
+
+    def wait(self) -> list[torch.Tensor | None]:
+        for w in self._works:
+            w.wait()
+        self._works, self._send = [], None
+        return self._recv
+
+
+def _rows(t, a, b):
+    """Rows [a, b) of a [B, S, ...] tensor (None stays None)."""
+    return None if t is None else t[:, a:b]
+
+
+class OutMerger:
+    """Running (out, lse) over the key blocks seen so far, in fp32 (fp64 for fp64).
+
+    `fold` attends the planned part of a block and merges it in. With
+    `fused=True` the merge happens inside the kernel call
+    (`attention_forward(..., acc=(out, lse))`, the kernels' accumulating
+    mode); otherwise with `merge_partials`.
+    """
+
+    def __init__(self, q: torch.Tensor, fused: bool = False):
+        self.B, self.S, self.H, self.D = q.shape
+        self.dev = q.device
+        self.acc_dt = _acc_dtype(q.dtype)
+        self.fused = fused
+        self.out = self.lse = None
+
+    def _alloc(self):
+        self.out = torch.zeros(self.B, self.S, self.H, self.D, dtype=self.acc_dt, device=self.dev)
+        self.lse = torch.full((self.B, self.H, self.S), float("-inf"), dtype=self.acc_dt, device=self.dev)
+
+    def fold(self, q, k, v, q_doc, k_doc, q_index, k_index, plan: BlockPlan, kernel_opts, index_dev=None):
+        """Attend q[plan rows] to k/v[plan keys], merge; returns the visible pair count."""
+        q0, q1, k0, k1 = plan.q0, plan.q1, plan.k0, plan.k1
+        qi, ki = q_index[q0:q1], k_index[k0:k1]
+        qd, kd = _rows(q_doc, q0, q1), _rows(k_doc, k0, k1)
+        args = (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1])
+        kw = dict(q_index=qi.to(self.dev), k_index=ki.to(self.dev), q_doc=qd, k_doc=kd, causal=plan.masked, **kernel_opts)
+        whole = q0 == 0 and q1 == self.S
+        if self.out is None and whole:
+            out_b, lse_b = attention_forward(*args, **kw)
+            self.out, self.lse = out_b.to(self.acc_dt), lse_b.to(self.acc_dt)
+        else:
+            if self.out is None:
+                self._alloc()
+            acc_out = self.out if whole else self.out[:, q0:q1]
+            acc_lse = self.lse if whole else self.lse[:, :, q0:q1]
+            if self.fused:
+                o, l = attention_forward(*args, acc=(acc_out, acc_lse), **kw)
+            else:
+                o, l = merge_partials(acc_out, acc_lse, *attention_forward(*args, **kw))
+            if whole:
+                self.out, self.lse = o.to(self.acc_dt), l.to(self.acc_dt)
+            else:
+                self.out[:, q0:q1] = o
+                self.lse[:, :, q0:q1] = l
+        return visible_pairs(qi, ki, qd, kd, plan.masked, batch_size=None if qd is not None else self.B)
+
+    def result(self):
+        if self.out is None:  # no block had a visible pair
+            self._alloc()
+        return self.out, self.lse
+
+
+def block_backward(dout, q, k, v, out, lse, delta, q_doc, k_doc, q_index, k_index, plan: BlockPlan, kernel_opts):
+    """Gradients of the planned part of a block: (dq for rows [q0,q1), dk, dv for keys [k0,k1)).
+
+    `out` may be None (then `delta` must be given): the kernels only use it
+    to compute delta.
+    """
+    q0, q1, k0, k1 = plan.q0, plan.q1, plan.k0, plan.k1
+    dev = q.device
+    return attention_backward(
+        dout[:, q0:q1], q[:, q0:q1], k[:, k0:k1], v[:, k0:k1],
+        None if out is None else out[:, q0:q1], lse[:, :, q0:q1],
+        q_index=q_index[q0:q1].to(dev), k_index=k_index[k0:k1].to(dev),
+        q_doc=_rows(q_doc, q0, q1), k_doc=_rows(k_doc, k0, k1),
+        causal=plan.masked, delta=delta[:, :, q0:q1], **kernel_opts,
+    )
+
+
+def check_local_inputs(q, k, v, doc_ids, what="ring attention"):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [B, S_local, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"{what} needs q and k/v with the same local length, got {q.shape[1]} and {k.shape[1]}"
+        )
+    if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
+        raise ValueError(
+            f"doc_ids must be [B, S_local] = {tuple(q.shape[:2])}, got {tuple(doc_ids.shape)}"
+        )
 
 
 class _RingAttention(torch.autograd.Function):
@@ -54,14 +221,11 @@ class _RingAttention(torch.autograd.Function):
         # Token indices of every rank's block, on CPU for the skip decisions.
         index = [strat.layout.token_index(seq_len, o) for o in range(N)]
         q_index = index[r]
-        dev = q.device
-        q_index_dev = q_index.to(dev)
-        acc_dt = _acc_dtype(q.dtype)
         kernel_opts = dict(softmax_scale=softmax_scale, backend=strat.backend)
 
         counter = ByteCounter()
+        merger = OutMerger(q, fused=getattr(strat, "fused_merge", False))
         k_blk, v_blk, d_blk = k.contiguous(), v.contiguous(), None if doc is None else doc.contiguous()
-        out_acc = lse_acc = None
         pairs = 0
         computed = 0
         for step in range(N):
@@ -72,27 +236,14 @@ class _RingAttention(torch.autograd.Function):
                 if step < N - 1
                 else None
             )
-            run, masked = _block_plan(q_index, index[owner], causal)
-            if run:
-                out_b, lse_b = attention_forward(
-                    q, k_blk, v_blk, q_index=q_index_dev, k_index=index[owner].to(dev),
-                    q_doc=doc, k_doc=d_blk, causal=masked, **kernel_opts,
-                )
-                if out_acc is None:
-                    out_acc, lse_acc = out_b.to(acc_dt), lse_b.to(acc_dt)
-                else:
-                    out_acc, lse_acc = merge_partials(out_acc, lse_acc, out_b, lse_b)
-                pairs += visible_pairs(
-                    q_index, index[owner], doc, d_blk, masked,
-                    batch_size=None if doc is not None else B,
-                )
+            plan = plan_block(q_index, index[owner], causal)
+            if plan is not None:
+                pairs += merger.fold(q, k_blk, v_blk, doc, d_blk, q_index, index[owner], plan, kernel_opts)
                 computed += 1
             if ex is not None:
                 k_blk, v_blk, d_blk = ex.wait()
 
-        if out_acc is None:  # cannot happen for layouts where a rank sees its own tokens
-            out_acc = torch.zeros(B, S, H, D, dtype=acc_dt, device=dev)
-            lse_acc = torch.full((B, H, S), float("-inf"), dtype=acc_dt, device=dev)
+        out_acc, lse_acc = merger.result()
         out = out_acc.to(q.dtype)  # cast once, at the end
 
         ctx.save_for_backward(q, k, v, doc, out, lse_acc)
@@ -126,7 +277,6 @@ class _RingAttention(torch.autograd.Function):
         index = [strat.layout.token_index(seq_len, o) for o in range(N)]
         q_index = index[r]
         dev = q.device
-        q_index_dev = q_index.to(dev)
         acc_dt = _acc_dtype(q.dtype)
 
         # rowsum(dout * out) with the final out: the same for every block.
@@ -137,30 +287,30 @@ class _RingAttention(torch.autograd.Function):
         dkv_ex = None
         for step in range(N):
             owner = (r - step) % N
+            # Double buffering: the next K/V block travels while this one is computed.
             kv_ex = (
                 ring_exchange([k_blk, v_blk, d_blk], group, counter, _KV_TAGS)
                 if step < N - 1
                 else None
             )
-            run, masked = _block_plan(q_index, index[owner], causal)
-            dk_b = dv_b = None
-            if run:
-                dq_b, dk_b, dv_b = attention_backward(
-                    dout, q, k_blk, v_blk, out, lse,
-                    q_index=q_index_dev, k_index=index[owner].to(dev),
-                    q_doc=doc, k_doc=d_blk, causal=masked, delta=delta, **ctx.kernel_opts,
+            plan = plan_block(q_index, index[owner], causal)
+            grads = None
+            if plan is not None:
+                grads = block_backward(
+                    dout, q, k_blk, v_blk, out, lse, delta, doc, d_blk, q_index, index[owner], plan, ctx.kernel_opts
                 )
-                dq += dq_b
+                dq[:, plan.q0 : plan.q1] += grads[0]
             # The accumulators for the block we hold: fresh at step 0 (our own
-            # block), otherwise they arrive from the previous rank.
+            # block), otherwise they arrive from the previous rank (that
+            # transfer was posted during the previous step's compute).
             if step == 0:
                 dk_acc = torch.zeros(k.shape, dtype=acc_dt, device=dev)
                 dv_acc = torch.zeros(v.shape, dtype=acc_dt, device=dev)
             else:
                 dk_acc, dv_acc = dkv_ex.wait()
-            if run:
-                dk_acc += dk_b
-                dv_acc += dv_b
+            if grads is not None:
+                dk_acc[:, plan.k0 : plan.k1] += grads[1]
+                dv_acc[:, plan.k0 : plan.k1] += grads[2]
             if N > 1:
                 # Pass them on; after the last step's hop they are at their owner.
                 dkv_ex = ring_exchange([dk_acc, dv_acc], group, counter, _DKV_TAGS)
@@ -188,23 +338,21 @@ class RingAttention(CPStrategy):
     With causal masking the work is unbalanced (rank r computes r+1 of N
     blocks); zigzag/striped layouts fix that. With cp_size == 1 this is just
     the local kernel, without any communication.
+
+    Subclasses change `layout_cls` only: the algorithm, the skip/trim
+    decisions and the accounting follow from the layout's token indices.
+
+    Communication per rank (B, S_local, H_kv, D; e = element size, a = 4
+    (8 for fp64) the accumulator size; doc = B*S_local*8 with doc ids):
+    forward (N-1) * (2*B*S_local*H_kv*D*e + doc); backward the same plus
+    N * 2*B*S_local*H_kv*D*a for the dK/dV accumulators.
     """
 
     name = "ring"
+    fused_merge = False  # merge with merge_partials (burst uses the kernels' fused mode)
 
     def attention(self, q, k, v, *, doc_ids=None, causal=True, softmax_scale=None):
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise ValueError(
-                f"q, k, v must be [B, S_local, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-            )
-        if k.shape[1] != q.shape[1]:
-            raise ValueError(
-                f"ring attention needs q and k/v with the same local length, got {q.shape[1]} and {k.shape[1]}"
-            )
-        if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
-            raise ValueError(
-                f"doc_ids must be [B, S_local] = {tuple(q.shape[:2])}, got {tuple(doc_ids.shape)}"
-            )
+        check_local_inputs(q, k, v, doc_ids, f"{self.name} attention")
         # A fresh dict per forward; the matching backward fills in the same dict.
         self.last_stats = {}
         return _RingAttention.apply(q, k, v, doc_ids, self, causal, softmax_scale, self.last_stats)
