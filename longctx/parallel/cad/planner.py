@@ -12,7 +12,12 @@ the fewest bytes per FLOP moved:
   already receives for the same document are free);
 - a task bigger than the FLOPs to move is split: either its head (fewest K/V
   tokens) or its tail (fewest query tokens per FLOP), whichever is cheaper,
-  cut at multiples of ``min_shard_tokens``.
+  cut at multiples of ``min_shard_tokens`` (finer for short rows, see
+  `cut_granularity`).
+
+A source stops at the target, or once it is within the tolerance and what is
+left to move is below the cut granularity; only a source still above the cap
+may fill destinations up to the cap.
 
 Everything is deterministic (integer pair counts, explicit tie-breaks), so
 every rank computes the same plan from the same gathered metadata without
@@ -107,9 +112,6 @@ class Plan:
                         recv[run.rank] += n
         return sent, recv
 
-    def server_pairs(self, server: int) -> int:
-        return self.loads_after[server]
-
 
 def plan(docs: list[Doc], num_servers: int, *, causal: bool = True, cost: CostModel,
          tolerance: float = 0.05, max_shard_tokens: int = 8192, min_shard_tokens: int = 128,
@@ -122,16 +124,23 @@ def plan(docs: list[Doc], num_servers: int, *, causal: bool = True, cost: CostMo
     for t in tasks:
         loads[t.server] += t.pairs
     before = list(loads)
-    bal = _Balancer(tasks, loads, N, causal, cost, tolerance, fill, max(1, int(min_shard_tokens)),
-                    candidates, dest_candidates)
+    gran = cut_granularity(sum(d.length for d in docs), N, min_shard_tokens)
+    bal = _Balancer(tasks, loads, N, causal, cost, tolerance, fill, gran, candidates, dest_candidates)
     bal.run()
     tasks = bal.tasks
     nanos = 2 if ping_pong else 1
     if ping_pong:
-        tasks = _split_nanos(tasks, N, causal, max(1, int(min_shard_tokens)))
+        tasks = _split_nanos(tasks, N, causal, gran)
     tasks.sort(key=lambda t: (t.server, t.nano, t.doc.key, t.a))
     ms = (time.perf_counter() - t0) * 1e3
     return Plan(docs, tasks, N, causal, nanos, cost, before, list(bal.loads), ms, bal.moves, bal.pairs_moved)
+
+
+def cut_granularity(tokens: int, num_servers: int, min_shard_tokens: int) -> int:
+    """Tasks are cut at multiples of this: ``min_shard_tokens``, or finer when a server holds
+    fewer than 64 such pieces (short rows could not be balanced otherwise)."""
+    per_server = tokens // max(num_servers, 1)
+    return max(1, min(int(min_shard_tokens), per_server // 64))
 
 
 class _Balancer:

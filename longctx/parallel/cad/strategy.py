@@ -1,8 +1,24 @@
 """The `cad` CP strategy: core attention disaggregation over a process group.
 
     s = build_strategy("cad", group, scope="cp", tolerance=0.05, max_shard_tokens=8192,
-                       min_shard_tokens=128, ping_pong=True, backend="auto")
+                       min_shard_tokens=128, ping_pong=True, backend="auto", row_size=None)
     out = s.attention(q, k, v, doc_ids=doc, causal=True)
+
+Options: ``scope`` ("cp" | "dp"); ``tolerance``: planned attention FLOPs per
+server stay below (1 + tolerance) x mean; ``max_shard_tokens``: long documents
+are cut into query shards of at most this many tokens before planning;
+``min_shard_tokens``: the planner cuts shards at multiples of this (finer for
+short rows); ``ping_pong``: two nano-batches, communication of one overlapping
+the kernel of the other; ``backend``: kernel backend; ``row_size`` (scope dp):
+consecutive ranks sharing a row (default 1).
+
+`last_stats` (per call; the backward completes the same dict): bytes_sent,
+bytes_recv (and fwd_/bwd_ parts), attn_flops (+ _fwd, _bwd = 2.5 x fwd) and
+visible_pairs of what this server computed, imbalance_before / imbalance_after
+(max/mean planned attention FLOPs over the group, in place / planned),
+planner_ms and plan_build_ms (of the plan in use), plan_cached (1 when reused),
+tasks, moved_pairs_frac, exposed_comm_ms (+ fwd_/bwd_: time blocked waiting
+on all-to-alls), fwd_compute_ms / bwd_compute_ms (kernel time).
 
 Scopes:
 
@@ -11,7 +27,9 @@ Scopes:
 - ``"dp"``: `group` holds data-parallel ranks with DIFFERENT rows; each rank's
   q/k/v is its whole row (the layout is the identity) and attention stays
   inside each row. Tasks move between ranks only to balance attention FLOPs
-  (the straggler case of DistCA).
+  (the straggler case of DistCA). With ``row_size=c`` (> 1), `c` consecutive
+  ranks of the group share a row, sharded contiguously (a dp x cp mesh with
+  group = WORLD and row_size = cp): balancing then spans the whole mesh.
 
 Each call: gather every rank's run-length-encoded doc ids (two small
 all-gathers), plan (deterministic, same on every rank), build this rank's
@@ -37,23 +55,40 @@ from .tasks import CostModel, docs_from_runs, local_runs
 SCOPES = ("cp", "dp")
 
 
-class WholeRowLayout(Layout):
-    """Every rank holds its whole row (scope "dp"): shard and unshard are the identity."""
+class RowLayout(Layout):
+    """Scope "dp": ``row_size`` consecutive ranks of the group share a row, each holding a
+    contiguous slice in rank order (``row_size=1``: every rank holds its whole row, and
+    shard/unshard are the identity)."""
 
-    name = "whole_row"
+    name = "row"
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, row_size: int = 1):
         super().__init__(group)
-        self.cp_size, self.cp_rank = 1, 0  # nothing of a row lives on another rank
+        self.group_size, self.group_rank = self.cp_size, self.cp_rank
+        self.row_size = row_size
+        self.cp_size, self.cp_rank = row_size, self.group_rank % row_size
 
     def token_index(self, seq_len: int, rank: int | None = None, device=None) -> torch.Tensor:
-        return torch.arange(seq_len, dtype=torch.int64, device=device)
+        self.check_seq_len(seq_len)
+        rank = self.cp_rank if rank is None else rank
+        n = seq_len // self.cp_size
+        return torch.arange(rank * n, (rank + 1) * n, dtype=torch.int64, device=device)
 
     def shard(self, full: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        return full
+        if self.cp_size == 1:
+            return full
+        self.check_seq_len(full.shape[dim])
+        n = full.shape[dim] // self.cp_size
+        return full.narrow(dim, self.cp_rank * n, n).contiguous()
 
     def unshard(self, local: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        return local
+        if self.cp_size == 1:
+            return local
+        local = local.detach().contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.group_size)]
+        dist.all_gather(parts, local, group=self.group)
+        first = (self.group_rank // self.row_size) * self.row_size
+        return torch.cat(parts[first:first + self.row_size], dim=dim)
 
 
 class _Runtime:
@@ -62,6 +97,8 @@ class _Runtime:
     def __init__(self, key, doc, plan, exchanges, planner_ms, build_ms):
         self.key, self.doc, self.plan, self.exchanges = key, doc, plan, exchanges
         self.planner_ms, self.build_ms = planner_ms, build_ms
+        moved = sum(t.pairs for t in plan.tasks if t.owner != t.server)
+        self.moved_frac = moved / max(sum(plan.loads_after), 1)
 
 
 @register("cad")
@@ -69,10 +106,11 @@ class CADAttentionStrategy(CPStrategy):
     """Core attention disaggregation; see the module docstring and `longctx.parallel.cad`."""
 
     name = "cad"
-    options = ("backend", "scope", "tolerance", "max_shard_tokens", "min_shard_tokens", "ping_pong")
+    options = ("backend", "scope", "tolerance", "max_shard_tokens", "min_shard_tokens", "ping_pong", "row_size")
 
     def __init__(self, group=None, *, backend: str = "auto", scope: str = "cp", tolerance: float = 0.05,
-                 max_shard_tokens: int = 8192, min_shard_tokens: int = 128, ping_pong: bool = True):
+                 max_shard_tokens: int = 8192, min_shard_tokens: int = 128, ping_pong: bool = True,
+                 row_size: int | None = None):
         super().__init__(group, backend=backend)
         if scope not in SCOPES:
             raise ValueError(f"cad: scope must be one of {SCOPES}, got {scope!r}")
@@ -86,12 +124,24 @@ class CADAttentionStrategy(CPStrategy):
         self.max_shard_tokens = max_shard_tokens
         self.min_shard_tokens = min_shard_tokens
         self.ping_pong = bool(ping_pong)
-        if scope == "dp":
-            self.layout = WholeRowLayout(self.group)
+        if scope == "cp":
+            if row_size not in (None, self.cp_size):
+                raise ValueError(f"cad: scope 'cp' shards one row over the whole group ({self.cp_size} ranks); "
+                                 f"row_size={row_size} is for scope 'dp'")
+            self.row_size = self.cp_size
+        else:
+            row_size = 1 if row_size is None else row_size
+            if isinstance(row_size, bool) or not isinstance(row_size, int) or row_size < 1 \
+                    or self.cp_size % row_size:
+                raise ValueError(f"cad: row_size must be a positive divisor of the group size {self.cp_size}, "
+                                 f"got {row_size!r}")
+            self.row_size = row_size
+            self.layout = RowLayout(self.group, row_size)
         self._cache: _Runtime | None = None
 
     def __repr__(self) -> str:
         return (f"CADAttentionStrategy(scope={self.scope!r}, group_size={self.cp_size}, rank={self.cp_rank}, "
+                f"row_size={self.row_size}, "
                 f"tolerance={self.tolerance}, ping_pong={self.ping_pong}, backend={self.backend!r})")
 
     # -- planning ------------------------------------------------------------------------------
@@ -133,10 +183,12 @@ class CADAttentionStrategy(CPStrategy):
         t0 = time.perf_counter()
         runs = local_runs(doc_ids, B, S)
         all_runs, batches, seqs = self._gather_runs(runs, B, S, q.device)
-        if self.scope == "cp" and len(set(seqs)) > 1:
-            raise ValueError(f"cad scope 'cp': every rank must hold the same number of tokens, got {seqs}")
-        row_size = self.cp_size if self.scope == "cp" else 1
-        docs = docs_from_runs(all_runs, seqs, row_size)
+        R = self.row_size
+        for first in range(0, self.cp_size, R):
+            if len(set(seqs[first:first + R])) > 1 or len(set(batches[first:first + R])) > 1:
+                raise ValueError(f"cad: the {R} ranks sharing a row must hold the same number of tokens and rows, "
+                                 f"got seq {seqs[first:first + R]}, batch {batches[first:first + R]}")
+        docs = docs_from_runs(all_runs, seqs, R)
         cost = CostModel.for_shapes(H, k.shape[2], D, q.element_size())
         p = make_plan(docs, self.cp_size, causal=causal, cost=cost, tolerance=self.tolerance,
                       max_shard_tokens=self.max_shard_tokens, min_shard_tokens=self.min_shard_tokens,
@@ -161,7 +213,6 @@ class CADAttentionStrategy(CPStrategy):
             raise ValueError(f"doc_ids must be [B, S_local] = {tuple(q.shape[:2])}, got {tuple(doc_ids.shape)}")
         rt, cached = self.runtime(q, k, doc_ids, causal)
         p = rt.plan
-        moved = sum(t.pairs for t in p.tasks if t.owner != t.server)
         self.last_stats = {
             "imbalance_before": p.imbalance_before,
             "imbalance_after": p.imbalance_after,
@@ -169,7 +220,7 @@ class CADAttentionStrategy(CPStrategy):
             "plan_build_ms": rt.build_ms,
             "plan_cached": int(cached),
             "tasks": len(p.tasks),
-            "moved_pairs_frac": moved / max(sum(p.loads_after), 1),
+            "moved_pairs_frac": rt.moved_frac,
         }
         return CADAttention.apply(q, k, v, rt.exchanges, self.group, self.cp_rank, self.cp_size, causal,
                                   softmax_scale, self.backend, self.ping_pong, self.last_stats)

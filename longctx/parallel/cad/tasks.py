@@ -217,14 +217,30 @@ def initial_tasks(docs: list[Doc], max_shard_tokens: int, causal: bool) -> list[
     return tasks
 
 
-def ranges_to_index(starts: list[int], lengths: list[int]) -> torch.Tensor:
-    """Concatenation of ``arange(s, s + n)`` for each (s, n), as one int64 tensor."""
-    if not lengths:
-        return torch.zeros(0, dtype=torch.int64)
-    st = torch.tensor(starts, dtype=torch.int64)
-    ln = torch.tensor(lengths, dtype=torch.int64)
-    total = int(ln.sum())
-    if total == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    offs = torch.cumsum(ln, 0) - ln
-    return torch.arange(total, dtype=torch.int64) + torch.repeat_interleave(st - offs, ln)
+def ranges_to_index(starts: list[int], lengths: list[int], device=None) -> torch.Tensor:
+    """Concatenation of ``arange(s, s + n)`` for each (s, n), as one int64 tensor.
+
+    Built as a cumulative sum of steps (1 inside a range, a jump at each range
+    start): one scatter and one cumsum, no per-range work.
+    """
+    pairs = [(s, n) for s, n in zip(starts, lengths) if n > 0]
+    if not pairs:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    st = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=device)
+    ln = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=device)
+    ends = torch.cumsum(ln, 0)
+    total = int(ends[-1])
+    steps = torch.ones(total, dtype=torch.int64, device=device)
+    steps[0] = st[0]
+    if len(pairs) > 1:
+        # at the first token of range i: jump from the last token of range i-1 to s_i
+        steps[ends[:-1]] = st[1:] - (st[:-1] + ln[:-1] - 1)
+    return torch.cumsum(steps, 0)
+
+
+def repeat_values(values: list[int], counts: list[int], device=None) -> torch.Tensor:
+    """``values[i]`` repeated ``counts[i]`` times, as one int64 tensor."""
+    if not counts or sum(counts) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.repeat_interleave(torch.tensor(values, dtype=torch.int64, device=device),
+                                   torch.tensor(counts, dtype=torch.int64, device=device))
