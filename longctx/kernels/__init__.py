@@ -8,7 +8,13 @@ Contract (ARCHITECTURE.md, "Kernels"):
 
 plus ``merge_partials`` (combine results over disjoint key sets) and
 ``visible_pairs`` (FLOP accounting). Backends: ``"torch"`` (reference, any
-device), ``"triton"`` (not built in this version), ``"auto"``.
+device), ``"triton"`` (``triton_attention``: compiled on CUDA, or on any device
+under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton for CUDA tensors when triton
+imports, the torch reference otherwise).
+
+``attention_forward(..., acc=(out_acc, lse_acc))`` folds the call's result
+into an incoming fp32 ``(out, lse)`` (ring steps) and returns the merged
+result with out in fp32; see its docstring.
 """
 
 from __future__ import annotations
@@ -30,14 +36,25 @@ __all__ = [
 BACKENDS = ("auto", "torch", "triton")
 
 
-def _load_triton_backend():
-    """The Triton backend module, or None when unavailable.
+_TRITON_BACKEND = None
+_TRITON_IMPORT_ERROR = None
 
-    No Triton backend exists in this version. When one is added, return its
-    module here (when triton imports); it must provide ``forward`` and
-    ``backward`` with the same keyword signatures as ``reference``.
+
+def _load_triton_backend():
+    """The Triton backend module (``triton_attention``), or None when triton does not import.
+
+    It provides ``forward`` / ``backward`` with the same keywords as
+    ``reference`` (plus ``acc``) and ``supports(q)``.
     """
-    return None
+    global _TRITON_BACKEND, _TRITON_IMPORT_ERROR
+    if _TRITON_BACKEND is None and _TRITON_IMPORT_ERROR is None:
+        try:
+            from . import triton_attention
+        except ImportError as err:  # triton missing or broken
+            _TRITON_IMPORT_ERROR = err
+        else:
+            _TRITON_BACKEND = triton_attention
+    return _TRITON_BACKEND
 
 
 def _select_backend(backend: str, q: torch.Tensor):
@@ -48,14 +65,19 @@ def _select_backend(backend: str, q: torch.Tensor):
         triton_backend = _load_triton_backend()
         if triton_backend is None:
             raise RuntimeError(
-                "backend='triton': the Triton attention backend is not built in this "
-                "version of longctx; use backend='torch' or backend='auto'"
+                f"backend='triton': triton could not be imported ({_TRITON_IMPORT_ERROR}); "
+                "use backend='torch' or backend='auto'"
             )
+        ok, why = triton_backend.supports(q)
+        if not ok:
+            raise RuntimeError(f"backend='triton' (the Triton attention kernels) cannot run these inputs: {why}")
         return triton_backend
     if backend == "auto":
+        # Triton on CUDA when it imports and supports the inputs (head dim <= 256,
+        # fp32/fp16/bf16); the torch reference everywhere else.
         if q.is_cuda:
             triton_backend = _load_triton_backend()
-            if triton_backend is not None:
+            if triton_backend is not None and triton_backend.supports(q)[0]:
                 return triton_backend
         return reference
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
@@ -85,19 +107,60 @@ def attention_forward(
     backend="auto",
     q_chunk_size=None,
     k_chunk_size=None,
+    acc=None,
 ):
     """q ``[B, S_q, H, D]``, k/v ``[B, S_k, H_kv, D]`` -> (out ``[B, S_q, H, D]``, lse ``[B, H, S_q]``).
 
     out has q's dtype; lse is fp32 (fp64 for fp64 inputs), natural log;
     rows with no visible key give out = 0, lse = -inf.
+
+    Accumulating mode (ring steps): ``acc=(out_acc, lse_acc)`` with
+    ``out_acc`` fp32 ``[B, S_q, H, D]`` and ``lse_acc`` fp32 ``[B, H, S_q]``
+    (rows may be -inf = nothing seen yet) holds the merged result over the key
+    blocks processed so far. This call's keys are folded into it and the
+    merged ``(out, lse)`` over all of them is returned, **out in fp32** (fp64
+    for fp64 inputs) -- cast once at the end of the ring. The result equals
+    ``merge_partials(out_acc, lse_acc, *attention_forward(q, k, v, ...))``.
+    The Triton backend folds inside the kernel (no separate merge pass); both
+    backends return new tensors and leave ``out_acc``/``lse_acc`` unchanged.
     """
     impl = _select_backend(backend, q)
+    opts = _chunk_options(q_chunk_size, k_chunk_size)
+    if acc is not None:
+        out_acc, lse_acc = _check_acc(acc, q)
+        if getattr(impl, "SUPPORTS_ACC", False):
+            return impl.forward(
+                q, k, v,
+                q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
+                causal=causal, softmax_scale=softmax_scale, acc=(out_acc, lse_acc), **opts,
+            )
+        out_b, lse_b = impl.forward(
+            q, k, v,
+            q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
+            causal=causal, softmax_scale=softmax_scale, **opts,
+        )
+        return merge_partials(out_acc, lse_acc, out_b, lse_b)
     return impl.forward(
         q, k, v,
         q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
-        causal=causal, softmax_scale=softmax_scale,
-        **_chunk_options(q_chunk_size, k_chunk_size),
+        causal=causal, softmax_scale=softmax_scale, **opts,
     )
+
+
+def _check_acc(acc, q):
+    """Validate ``acc=(out_acc, lse_acc)`` against q; returns the pair."""
+    try:
+        out_acc, lse_acc = acc
+    except (TypeError, ValueError):
+        raise ValueError("acc must be a pair (out_acc [B, S_q, H, D], lse_acc [B, H, S_q])") from None
+    B, S_q, H, D = q.shape
+    if tuple(out_acc.shape) != (B, S_q, H, D):
+        raise ValueError(f"acc out must have shape {(B, S_q, H, D)}, got {tuple(out_acc.shape)}")
+    if tuple(lse_acc.shape) != (B, H, S_q):
+        raise ValueError(f"acc lse must have shape {(B, H, S_q)}, got {tuple(lse_acc.shape)}")
+    if not out_acc.is_floating_point() or not lse_acc.is_floating_point():
+        raise ValueError("acc tensors must be floating point (fp32)")
+    return out_acc, lse_acc
 
 
 def attention_backward(
