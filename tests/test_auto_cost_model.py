@@ -70,7 +70,7 @@ def test_dry_run_prints_the_auto_choice(capsys):
 @pytest.mark.distributed
 def test_bench_cp_runs_and_writes_json_and_plot(tmp_path, capsys):
     js, png = tmp_path / "cp.json", tmp_path / "cp.png"
-    assert main(["bench", "cp", "--world-sizes", "2", "--seq-len", "256", "--reps", "1",
+    assert main(["bench", "cp", "--world-sizes", "2", "--seq-len", "256", "--reps", "1", "--strategies", "ring,striped",
                  "--json", str(js), "--plot", str(png)]) == 0
     result = json.loads(js.read_text())
     measured = result["tables"][0]["rows"]

@@ -56,7 +56,7 @@ def _assert_grads_equal(got: dict, want: dict) -> float:
     return worst
 
 
-@pytest.mark.parametrize("engine", ["deepspeed", "ddp"])
+@pytest.mark.parametrize("engine", ["ddp"])  # DeepSpeed: test_every_strategy_trains_like_cp1[ring]
 def test_cp2_matches_cp1(engine, tmp_path):
     base = run_distributed(_train_body, 1, engine, 1, str(tmp_path / "cp1"), timeout=240)[0]
     cp2 = run_distributed(_train_body, 2, engine, 2, str(tmp_path / "cp2"), timeout=240)
@@ -83,7 +83,7 @@ def test_cp2_with_activation_checkpointing_matches_cp1_ddp(tmp_path):
     _assert_grads_equal(ac[0]["grads"], base["grads"])
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [3])  # 2 is the default (every other test); 3 also shards the weights
 def test_cp2_matches_cp1_other_zero_stages(stage, tmp_path):
     extra = (f"deepspeed.zero_stage={stage}",)
     base = run_distributed(_train_body, 1, "deepspeed", 1, str(tmp_path / "cp1"), extra, timeout=240)[0]

@@ -91,7 +91,7 @@ def _compute_ms(w: Workload, imbalance: float, heads: Optional[int] = None) -> f
 
 LAYOUT_OF = {"ring": "contiguous", "zigzag": "zigzag", "striped": "striped", "burst": "zigzag",
              "hybrid": "zigzag"}
-_IMBALANCE_TOKENS = 32768  # imbalance depends on shapes, not size: sample at most this many tokens
+_IMBALANCE_TOKENS = 8192  # imbalance depends on shapes, not size: sample at most this many tokens
 
 
 def _layout_index(layout: str, seq_len: int, n: int, rank: int):
