@@ -25,6 +25,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MemorySectionConfig:
+    """`model.memory`: gated memory layers (Titans / GSA / FIFO), see longctx/models/memory."""
+
+    type: str = "none"  # none | titans | gsa | fifo
+    variant: str = "mal"  # mac (memory as context) | mag (memory as gate) | mal (memory as a layer)
+    layers: Optional[list[int]] = None  # memory layer indices (negative = from the end); None = all
+    chunk_size: int = 0  # memory chunk (MAC segment); 0 = the module's default
+    window: int = 0  # sliding window of the attention inside memory blocks; 0 = full attention
+    swa_layers: list[int] = field(default_factory=list)  # plain layers using sliding-window attention
+    heads: int = 0  # memory heads; 0 = model.n_heads
+    persistent_tokens: int = 4  # MAC's learned persistent tokens
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the memory module
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0 = take it from the tokenizer
     dim: int = 128
@@ -39,6 +54,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention_backend: str = "auto"  # torch | triton | auto
+    memory: MemorySectionConfig = field(default_factory=MemorySectionConfig)
 
 
 @dataclass
@@ -159,11 +175,13 @@ class Config:
 
 
 # Keys whose values are free-form mappings handed to another system.
-_FREE_FORM = {"parallel.options", "deepspeed.config"}
+_FREE_FORM = {"parallel.options", "deepspeed.config", "model.memory.options"}
 
 _CHOICES = {
     "launcher": ("ray", "local"),
     "model.attention_backend": ("auto", "torch", "triton"),
+    "model.memory.type": ("none", "titans", "gsa", "fifo"),
+    "model.memory.variant": ("mac", "mag", "mal"),
     "data.source": ("synthetic", "files", "hf"),
     "data.task": ("passkey", "mqar", "lm", "mix"),
     "data.format": (None, "json", "jsonl", "parquet", "txt"),
@@ -309,6 +327,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"parallel.cp={cfg.parallel.cp} does not divide ray.num_workers={cfg.ray.num_workers}: "
             f"the workers form data-parallel groups of cp ranks each")
+    uses_memory_model = cfg.model.memory.type != "none" or cfg.model.memory.swa_layers
+    if uses_memory_model and cfg.parallel.cp > 1 and cfg.parallel.strategy != "ring":
+        raise ConfigError(f"model.memory needs contiguous sequence slices under context parallelism (memory state "
+                          f"passes rank to rank): use parallel.strategy=ring, not {cfg.parallel.strategy!r}")
     if cfg.parallel.strategy == "cad" and cfg.parallel.cad_scope == "dp" and cfg.parallel.cp != 1:
         raise ConfigError(f"parallel.cad_scope=dp balances whole rows across data-parallel ranks, so it needs "
                           f"parallel.cp=1 (got {cfg.parallel.cp}); use parallel.cad_scope=cp to split rows")

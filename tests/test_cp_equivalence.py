@@ -116,3 +116,15 @@ def test_cad_dp_scope_trains_like_plain_data_parallel(tmp_path):
                           ("parallel.strategy=cad", "parallel.cad_scope=dp"), timeout=300)
     torch.testing.assert_close(cad[0]["losses"], plain[0]["losses"], rtol=RTOL, atol=0)
     _assert_grads_equal(cad[0]["grads"], plain[0]["grads"])
+
+
+@pytest.mark.parametrize("memory", [("titans", "mal"), ("gsa", "mag"), ("fifo", "mac")])
+def test_memory_hybrid_trains_like_cp1(memory, tmp_path):
+    """Attention layers under ring CP and memory layers passing state across ranks, in one run."""
+    kind, variant = memory
+    extra = (f"model.memory.type={kind}", f"model.memory.variant={variant}", "model.memory.chunk_size=32",
+             "model.memory.layers=[1]", "model.memory.window=64")
+    base = run_distributed(_train_body, 1, "ddp", 1, str(tmp_path / "cp1"), extra, timeout=300)[0]
+    cp2 = run_distributed(_train_body, 2, "ddp", 2, str(tmp_path / "cp2"), extra, timeout=300)
+    torch.testing.assert_close(cp2[0]["losses"], base["losses"], rtol=RTOL, atol=0)
+    _assert_grads_equal(cp2[0]["grads"], base["grads"])

@@ -15,9 +15,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def apply_activation_checkpointing(model: torch.nn.Module) -> int:
-    """Wraps every block in `model.layers`; returns how many were wrapped."""
+def apply_activation_checkpointing(model: torch.nn.Module, only: type | None = None) -> int:
+    """Wraps every block in `model.layers` (of type `only`, if given); returns how many."""
+    wrapped = 0
     for block in model.layers:
+        if only is not None and not isinstance(block, only):
+            continue
+        wrapped += 1
         inner = block.forward
 
         @functools.wraps(inner)
@@ -27,4 +31,4 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> int:
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
-    return len(model.layers)
+    return wrapped

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from longctx.config import Config, ConfigError
 from longctx.models.estimate import causal_pairs_per_token, flops_per_token, peak_flops
-from longctx.models.llama import Transformer
+from longctx.models.llama import Transformer, TransformerBlock
 from longctx.parallel import build_mesh, build_strategy
 from longctx.parallel.auto import apply_auto
 from longctx.trainer import checkpoint as ckpt
@@ -54,6 +54,15 @@ def resolve_vocab_size(cfg: Config, tokenizer) -> int:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
                           f"data.tokenizer={cfg.data.tokenizer!r} ({tokenizer.vocab_size} tokens)")
     return size
+
+
+def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
+    """The Llama model, or a hybrid with gated memory layers when `model.memory.type` is set."""
+    if cfg.model.memory.type == "none" and not cfg.model.memory.swa_layers:
+        return Transformer(cfg.model, vocab_size)
+    from longctx.models.memory.hybrid import build_hybrid_model
+
+    return build_hybrid_model(cfg.model, vocab_size, cfg.model.memory)
 
 
 def build_trainer_strategy(cfg: Config, mesh):
@@ -92,10 +101,16 @@ class Trainer:
         # Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(cfg.train.seed)
         with torch.device(self.device):
-            model = Transformer(cfg.model, self.vocab_size)
+            model = build_model(cfg, self.vocab_size)
         model.set_attention(self._attention)
+        if hasattr(model, "set_cp_group"):  # memory layers pass their state over the cp group
+            model.set_cp_group(self.mesh.cp_group, self.strategy.layout)
+        self.row_multiple = model.seq_multiple(self.mesh.cp_size) if hasattr(model, "seq_multiple") \
+            else 2 * self.mesh.cp_size
         if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model)
+            # Only plain attention blocks: recomputing a memory block would repeat its
+            # rank-to-rank state exchange inside backward and deadlock.
+            apply_activation_checkpointing(model, only=TransformerBlock)
         self.model = model
         self.engine = build_engine(cfg, model, self.mesh, self.device)
         self.data = PackedRows(cfg.data, self.tokenizer, seq_len=cfg.data.seq_len,
@@ -116,7 +131,7 @@ class Trainer:
 
     # -- one micro-batch ------------------------------------------------------------------------
     def shard_batch(self, batch: dict) -> dict:
-        batch = pad_rows(batch, 2 * self.mesh.cp_size, pad_id=self.tokenizer.pad_id)
+        batch = pad_rows(batch, self.row_multiple, pad_id=self.tokenizer.pad_id)
         return {k: self.strategy.shard(v, dim=1).contiguous().to(self.device) for k, v in batch.items()}
 
     def _cp_sum(self, t: torch.Tensor) -> torch.Tensor:
