@@ -24,6 +24,7 @@ try:
     from distributed_utils import run_distributed
 except ImportError:  # tests imported as a package
     from tests.distributed_utils import run_distributed
+from attention_reference import doc_ids_from_lengths, reference_attention  # noqa: E402
 
 from longctx.parallel import build_strategy
 from longctx.parallel.cad import CostModel, docs_from_lengths, docs_from_runs, local_runs, pairs_in, plan
@@ -35,28 +36,6 @@ COST = CostModel.for_shapes(32, 8, 128, 2)
 # ---------------------------------------------------------------------------
 # reference
 # ---------------------------------------------------------------------------
-
-
-def reference_attention(q, k, v, doc=None, causal=True, softmax_scale=None):
-    """Dense softmax attention; returns (out, mask [B, S, S])."""
-    B, S, H, D = q.shape
-    G = H // k.shape[2]
-    k = k.repeat_interleave(G, dim=2)
-    v = v.repeat_interleave(G, dim=2)
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    idx = torch.arange(S)
-    mask = torch.ones(B, S, S, dtype=torch.bool)
-    if causal:
-        mask &= idx[:, None] >= idx[None, :]
-    if doc is not None:
-        mask &= doc[:, :, None] == doc[:, None, :]
-    p = torch.softmax(s.masked_fill(~mask[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v), mask
-
-
-def doc_ids_from_lengths(rows: list[list[int]]) -> torch.Tensor:
-    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
 
 
 # Rows per (scope, seq_len). cp: one set of rows shared by the group (lengths

@@ -10,7 +10,6 @@ fp64 softmax written here (independent of longctx.kernels):
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ try:
     from distributed_utils import run_distributed
 except ImportError:  # tests imported as a package
     from tests.distributed_utils import run_distributed
+from attention_reference import doc_ids_from_lengths, reference_attention  # noqa: E402
 
 from longctx.parallel import STRATEGIES, build_mesh, build_strategy
 
@@ -29,32 +29,6 @@ TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-
 # ---------------------------------------------------------------------------
 # reference and case definitions
 # ---------------------------------------------------------------------------
-
-
-def doc_ids_from_lengths(rows: list[list[int]]) -> torch.Tensor:
-    """[B, S] document ids from per-row document lengths."""
-    return torch.stack(
-        [torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows]
-    )
-
-
-def reference_attention(q, k, v, doc=None, causal=True, softmax_scale=None):
-    """Dense softmax attention in the inputs' dtype; returns (out, mask [B, S, S])."""
-    B, S, H, D = q.shape
-    G = H // k.shape[2]
-    # Query head h uses kv head h // G (ARCHITECTURE.md GQA convention).
-    k = k.repeat_interleave(G, dim=2)
-    v = v.repeat_interleave(G, dim=2)
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    idx = torch.arange(S)
-    mask = torch.ones(B, S, S, dtype=torch.bool)
-    if causal:
-        mask &= idx[:, None] >= idx[None, :]
-    if doc is not None:
-        mask &= doc[:, :, None] == doc[:, None, :]
-    p = torch.softmax(s.masked_fill(~mask[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v), mask
 
 
 # Document lengths that do not line up with shard boundaries (shards are

@@ -14,7 +14,6 @@ attention FLOPs against the visible pairs of the dense mask.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ try:
     from distributed_utils import run_distributed
 except ImportError:  # tests imported as a package
     from tests.distributed_utils import run_distributed
+from attention_reference import doc_ids_from_lengths, reference_attention  # noqa: E402
 
 from longctx.parallel import build_mesh, build_strategy
 from longctx.parallel.hybrid import HybridLayout, default_ulysses_size
@@ -34,28 +34,6 @@ TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-
 # ---------------------------------------------------------------------------
 # reference and cases
 # ---------------------------------------------------------------------------
-
-
-def doc_ids_from_lengths(rows):
-    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
-
-
-def reference_attention(q, k, v, doc=None, causal=True, softmax_scale=None):
-    """Dense softmax attention; returns (out, mask [B, S, S]). Query head h uses kv head h // G."""
-    B, S, H, D = q.shape
-    G = H // k.shape[2]
-    k = k.repeat_interleave(G, dim=2)
-    v = v.repeat_interleave(G, dim=2)
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    idx = torch.arange(S)
-    mask = torch.ones(B, S, S, dtype=torch.bool)
-    if causal:
-        mask &= idx[:, None] >= idx[None, :]
-    if doc is not None:
-        mask &= doc[:, :, None] == doc[:, None, :]
-    p = torch.softmax(s.masked_fill(~mask[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v), mask
 
 
 # Document lengths that do not line up with shard or chunk boundaries
