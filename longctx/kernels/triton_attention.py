@@ -31,16 +31,14 @@ Kernel design (see ``_triton_kernels.py``):
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 
 import torch
 import triton
-from triton import knobs
 
 from .reference import check_inputs
+from .triton_mode import interpreting, load_kernel_module
 
 SUPPORTS_ACC = True
 MAX_HEAD_DIM = 256
@@ -50,11 +48,6 @@ __all__ = ["forward", "backward", "supports", "interpreting", "SUPPORTS_ACC"]
 _KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_triton_kernels.py")
 
 
-def interpreting() -> bool:
-    """True when Triton's interpreter switch is on (``TRITON_INTERPRET=1``), read at every call."""
-    return bool(knobs.runtime.interpret)
-
-
 def _kernel_module():
     """The kernels compiled (``triton.jit``) or interpreted, per the current switch.
 
@@ -62,18 +55,7 @@ def _kernel_module():
     of the kernel module, loaded on first use; importing longctx (or triton)
     before setting ``TRITON_INTERPRET`` is therefore harmless.
     """
-    name = "longctx.kernels._triton_kernels_" + ("interp" if interpreting() else "jit")
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-    return mod
+    return load_kernel_module("longctx.kernels._triton_kernels", _KERNEL_FILE)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor | None = None) -> tuple[bool, str]:

@@ -105,7 +105,8 @@ from torch.autograd.function import once_differentiable
 from .. import kernels
 from .comm import ByteCounter
 from .layouts import ZigzagLayout
-from .ring import OutMerger, PeerExchange, _acc_dtype, block_backward, check_local_inputs, plan_block
+from .comm import PeerExchange
+from .ring import OutMerger, _acc_dtype, block_backward, check_local_inputs, plan_block
 from .strategy import CPStrategy, register
 
 # The kernels' accumulating mode: attention_forward(..., acc=(out, lse)).

@@ -37,11 +37,11 @@ def resolve_group(group):
     return group, dist.get_world_size(group), dist.get_rank(group)
 
 
-class RingExchange:
-    """One posted ring step: send to the next rank of the group, receive from the previous.
+class PeerExchange:
+    """One posted exchange: send `tensors` to group rank `dst`, receive the same shapes from `src`.
 
-    `ring_exchange` posts the transfers and returns at once, so the caller can
-    compute on the current buffers while the next ones travel (double buffering)::
+    Posted at construction and returns at once, so the caller can compute on the
+    current buffers while the next ones travel (double buffering)::
 
         ex = ring_exchange([k, v, doc], group, counter)
         ...compute on k, v, doc...
@@ -50,10 +50,8 @@ class RingExchange:
     None entries (e.g. no doc ids) are not sent and come back as None.
     """
 
-    def __init__(self, tensors, group, counter: ByteCounter | None = None, tag_base: int = 0):
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        nxt = dist.get_global_rank(group, (rank + 1) % size)
-        prv = dist.get_global_rank(group, (rank - 1) % size)
+    def __init__(self, tensors, group, dst: int, src: int, counter: ByteCounter | None = None, tag_base: int = 0):
+        gdst, gsrc = dist.get_global_rank(group, dst), dist.get_global_rank(group, src)
         # Send buffers are kept on self: they must stay alive until the transfer ends.
         self._send = [None if t is None else t.contiguous() for t in tensors]
         self._recv = [None if t is None else torch.empty_like(t) for t in self._send]
@@ -64,8 +62,8 @@ class RingExchange:
         for tag, (s, r) in enumerate(zip(self._send, self._recv), start=tag_base):
             if s is None:
                 continue
-            ops.append(dist.P2POp(dist.isend, s, nxt, group=group, tag=tag))
-            ops.append(dist.P2POp(dist.irecv, r, prv, group=group, tag=tag))
+            ops.append(dist.P2POp(dist.isend, s, gdst, group=group, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, r, gsrc, group=group, tag=tag))
         self._works = dist.batch_isend_irecv(ops) if ops else []
         if counter is not None:
             counter.add_sent(*self._send)
@@ -80,9 +78,10 @@ class RingExchange:
 
 def ring_exchange(
     tensors, group, counter: ByteCounter | None = None, tag_base: int = 0
-) -> RingExchange:
-    """Post one ring step for `tensors` (send to next rank, receive from previous); see RingExchange."""
-    return RingExchange(tensors, group, counter, tag_base)
+) -> PeerExchange:
+    """Post one ring step for `tensors`: send to the next rank, receive from the previous."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    return PeerExchange(tensors, group, (rank + 1) % size, (rank - 1) % size, counter, tag_base)
 
 
 def all_to_all(

@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ..kernels import attention_backward, attention_forward, merge_partials, visible_pairs
@@ -90,36 +89,6 @@ def plan_block(q_index: torch.Tensor, k_index: torch.Tensor, causal: bool) -> Bl
         masked = int(k_index[k1 - 1]) > int(q_index[q0])
         return BlockPlan(q0, s_q, 0, k1, masked)
     return BlockPlan(0, s_q, 0, s_k, int(k_index.max()) > int(q_index.min()))
-
-
-class PeerExchange:
-    """Send `tensors` to group rank `dst` and receive the same shapes from `src`.
-
-    The generalisation of `comm.RingExchange` to any pair of peers (burst's
-    intra- and inter-node rings): posted at construction, `wait()` returns
-    the received tensors; None entries are skipped and come back as None.
-    """
-
-    def __init__(self, tensors, group, dst: int, src: int, counter: ByteCounter | None = None, tag_base: int = 0):
-        gdst, gsrc = dist.get_global_rank(group, dst), dist.get_global_rank(group, src)
-        self._send = [None if t is None else t.contiguous() for t in tensors]
-        self._recv = [None if t is None else torch.empty_like(t) for t in self._send]
-        ops = []
-        for tag, (s, r) in enumerate(zip(self._send, self._recv), start=tag_base):
-            if s is None:
-                continue
-            ops.append(dist.P2POp(dist.isend, s, gdst, group=group, tag=tag))
-            ops.append(dist.P2POp(dist.irecv, r, gsrc, group=group, tag=tag))
-        self._works = dist.batch_isend_irecv(ops) if ops else []
-        if counter is not None:
-            counter.add_sent(*self._send)
-            counter.add_recv(*self._recv)
-
-    def wait(self) -> list[torch.Tensor | None]:
-        for w in self._works:
-            w.wait()
-        self._works, self._send = [], None
-        return self._recv
 
 
 def _rows(t, a, b):

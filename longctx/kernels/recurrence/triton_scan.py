@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import torch
+
+from longctx.kernels.triton_mode import interpreting, load_kernel_module
 
 _KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_triton_scan.py")
 
 
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1`` is set now (read at every call)."""
-    from triton import knobs
-
-    return bool(knobs.runtime.interpret)
-
-
 def _kernel_module():
     """The kernels, compiled or interpreted per the current switch (one module object each)."""
-    name = "longctx.kernels.recurrence._triton_scan_" + ("interp" if interpreting() else "jit")
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-    return mod
+    return load_kernel_module("longctx.kernels.recurrence._triton_scan", _KERNEL_FILE)
 
 
 def supports(x: torch.Tensor) -> tuple[bool, str]:
