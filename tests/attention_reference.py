@@ -12,8 +12,11 @@ def doc_ids_from_lengths(rows: list[list[int]]) -> torch.Tensor:
     return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
 
 
-def reference_attention(q, k, v, doc=None, causal=True, softmax_scale=None):
-    """Dense softmax attention in the inputs' dtype; returns (out, mask [B, S, S])."""
+def reference_attention(q, k, v, doc=None, causal=True, softmax_scale=None, window=None):
+    """Dense softmax attention in the inputs' dtype; returns (out, mask [B, S, S]).
+
+    ``window``: keep only keys with ``i - j < window`` (sliding window), if given.
+    """
     B, S, H, D = q.shape
     G = H // k.shape[2]
     k = k.repeat_interleave(G, dim=2)  # query head h uses kv head h // G
@@ -24,6 +27,8 @@ def reference_attention(q, k, v, doc=None, causal=True, softmax_scale=None):
     mask = torch.ones(B, S, S, dtype=torch.bool)
     if causal:
         mask &= idx[:, None] >= idx[None, :]
+    if window is not None:
+        mask &= idx[:, None] - idx[None, :] < window
     if doc is not None:
         mask &= doc[:, :, None] == doc[:, None, :]
     p = torch.softmax(s.masked_fill(~mask[:, None], float("-inf")), dim=-1).nan_to_num(0.0)

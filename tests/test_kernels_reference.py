@@ -33,16 +33,18 @@ TOL = {
 # ---------------------------------------------------------------------------
 
 
-def dense_mask(q_index, k_index, q_doc, k_doc, causal, B):
+def dense_mask(q_index, k_index, q_doc, k_doc, causal, B, window=None):
     mask = torch.ones(B, len(q_index), len(k_index), dtype=torch.bool)
     if causal:
         mask &= q_index[None, :, None] >= k_index[None, None, :]
+    if window is not None:
+        mask &= q_index[None, :, None] - k_index[None, None, :] < window
     if q_doc is not None:
         mask &= q_doc[:, :, None] == k_doc[:, None, :]
     return mask
 
 
-def naive_attention(q, k, v, q_index, k_index, q_doc=None, k_doc=None, causal=True, scale=None):
+def naive_attention(q, k, v, q_index, k_index, q_doc=None, k_doc=None, causal=True, scale=None, window=None):
     """Dense masked softmax in fp64. Returns out [B,S_q,H,D], lse [B,H,S_q]."""
     q, k, v = q.double(), k.double(), v.double()
     B, S_q, H, D = q.shape
@@ -51,7 +53,7 @@ def naive_attention(q, k, v, q_index, k_index, q_doc=None, k_doc=None, causal=Tr
     k = k.repeat_interleave(G, dim=2)  # query head h uses kv head h // G
     v = v.repeat_interleave(G, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    mask = dense_mask(q_index, k_index, q_doc, k_doc, causal, B)[:, None]
+    mask = dense_mask(q_index, k_index, q_doc, k_doc, causal, B, window)[:, None]
     s = s.masked_fill(~mask, float("-inf"))
     # Explicit max/sum (instead of logsumexp) keeps empty rows NaN-free under autograd.
     m = s.amax(dim=-1, keepdim=True).detach()
@@ -430,3 +432,149 @@ def test_chunking_bounds_memory():
     # Largest expected: a score block [B, H, chunk, chunk] or a full q-sized tensor.
     assert mode.largest <= max(B * H * chunk * chunk, B * S_long * H * D)
     assert mode.largest < B * H * S_long * S_long // 16
+
+
+# ---------------------------------------------------------------------------
+# sliding window
+# ---------------------------------------------------------------------------
+
+# Windows 1 (only the key at the query's own index), 7, S/4 and larger than S.
+WINDOWS = [1, 7, S // 4, S + 5]
+WINDOW_LAYOUTS = {
+    "docs_gqa_4_2": dict(CASES["docs_causal"], H=4, H_kv=2),
+    "docs_noncausal": CASES["docs_noncausal"],
+    "striped": CASES["striped"],
+    "zigzag": CASES["zigzag"],
+    "ring_q_after_k": CASES["offset_q_after_k"],  # small windows: nothing visible
+}
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("layout", list(WINDOW_LAYOUTS))
+def test_window_matches_naive_fp64(layout, window):
+    case = dict(WINDOW_LAYOUTS[layout], window=window)
+    for chunks in CHUNKS[:2]:
+        (out, lse, dq, dk, dv), ref, _ = run_case(case, torch.float64, chunks)
+        for label, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref):
+            assert torch.isfinite(a).logical_or(torch.isneginf(a) & (label == "lse")).all(), label
+            assert_close(a, r, torch.float64, f"{label} {chunks}")
+        empty = torch.isneginf(ref[1]).transpose(1, 2)
+        assert (out[empty] == 0).all() and (dq[empty] == 0).all()
+
+
+def test_window_larger_than_sequence_equals_no_window():
+    case = CASES["docs_causal"]
+    q, k, v, dout = make_inputs(B=2, S_q=S)
+    full = attention_forward(q, k, v, backend="torch", **case)
+    windowed = attention_forward(q, k, v, backend="torch", window=S, **case)
+    assert torch.equal(full[0], windowed[0]) and torch.equal(full[1], windowed[1])
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("layout", list(WINDOW_LAYOUTS) + ["permuted"])
+def test_window_visible_pairs_matches_dense_count(layout, window):
+    if layout == "permuted":  # arbitrary index sets, unsorted
+        g = torch.Generator().manual_seed(window)
+        case = dict(q_index=torch.randperm(60, generator=g)[:S], k_index=torch.randperm(60, generator=g)[:31],
+                    q_doc=torch.randint(0, 3, (2, S), generator=g), k_doc=torch.randint(0, 3, (2, 31), generator=g),
+                    causal=bool(window % 2))
+    else:
+        case = WINDOW_LAYOUTS[layout]
+    q_doc, k_doc = case.get("q_doc"), case.get("k_doc")
+    B = 1 if q_doc is None else q_doc.shape[0]
+    dense = dense_mask(case["q_index"], case["k_index"], q_doc, k_doc, case["causal"], B, window)
+    got = visible_pairs(case["q_index"], case["k_index"], q_doc, k_doc, causal=case["causal"], window=window)
+    assert got == int(dense.sum())
+    if q_doc is None:
+        assert visible_pairs(case["q_index"], case["k_index"], causal=case["causal"], window=window,
+                             batch_size=3) == 3 * int(dense.sum())
+
+
+def test_window_visible_pairs_extremes():
+    idx = torch.arange(1000)
+    assert visible_pairs(idx, idx, causal=True, window=10) == 10 * 1000 - 45
+    assert visible_pairs(idx, idx, causal=True, window=1) == 1000
+    assert visible_pairs(idx, idx, causal=True, window=5000) == 1000 * 1001 // 2
+    # non-causal: the window bounds only how far back a key may be
+    assert visible_pairs(idx, idx, causal=False, window=1) == 1000 * 1001 // 2
+    assert visible_pairs(torch.arange(100, 110), torch.arange(0, 50), window=50) == 0
+    q_doc = torch.tensor([[-1, -1, 7, 7, 10**12], [3, 3, 3, 3, 3]])
+    k_doc = torch.tensor([[7, -1, 7, 10**12, 10**12], [3, 3, 4, 4, 3]])
+    for causal in (True, False):
+        for window in (1, 2, 4):
+            dense = int(dense_mask(torch.arange(5), torch.arange(5), q_doc, k_doc, causal, 2, window).sum())
+            assert visible_pairs(torch.arange(5), torch.arange(5), q_doc, k_doc, causal=causal, window=window) == dense
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "4"])
+def test_window_must_be_positive_int(bad):
+    q, k, v, dout = make_inputs(B=1, S_q=5)
+    idx = torch.arange(5)
+    out, lse = attention_forward(q, k, v, q_index=idx, k_index=idx, backend="torch")
+    with pytest.raises(ValueError, match="window"):
+        attention_forward(q, k, v, q_index=idx, k_index=idx, window=bad, backend="torch")
+    with pytest.raises(ValueError, match="window"):
+        attention_backward(dout, q, k, v, out, lse, q_index=idx, k_index=idx, window=bad, backend="torch")
+    with pytest.raises(ValueError, match="window"):
+        attention(q, k, v, window=bad, backend="torch")
+    with pytest.raises(ValueError, match="window"):
+        visible_pairs(idx, idx, window=bad)
+
+
+def test_window_acc_and_key_subsets():
+    """Accumulating mode and per-key-block backward (global out/lse, external delta) under a window."""
+    case = dict(CASES["docs_causal"], window=6)
+    q, k, v, dout = make_inputs(B=2, S_q=S, H=4, H_kv=2)
+    out, lse = attention_forward(q, k, v, backend="torch", **case)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, backend="torch", **case)
+    delta = (dout * out).sum(-1).transpose(1, 2)
+    acc = (torch.zeros_like(out), torch.full_like(lse, float("-inf")))
+    dq_sum = torch.zeros_like(dq)
+    for idx in _split_keys(S):
+        sub = _subset(case, idx)
+        acc = attention_forward(q, k[:, idx], v[:, idx], backend="torch", acc=acc, q_chunk_size=4, **sub)
+        dq_s, dk_s, dv_s = attention_backward(dout, q, k[:, idx], v[:, idx], out, lse, backend="torch",
+                                              delta=delta, k_chunk_size=3, **sub)
+        assert_close(dk_s, dk[:, idx], torch.float64, "dk subset")
+        assert_close(dv_s, dv[:, idx], torch.float64, "dv subset")
+        dq_sum += dq_s
+    assert_close(acc[0], out, torch.float64, "acc out")
+    assert_close(acc[1], lse, torch.float64, "acc lse")
+    assert_close(dq_sum, dq, torch.float64, "dq sum")
+
+
+def test_window_autograd_gradcheck():
+    q, k, v, _ = make_inputs(B=1, S_q=9, H=2, H_kv=1, D=3)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def fn(q, k, v):
+        return attention(q, k, v, window=3, backend="torch", q_chunk_size=4, k_chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+class _CountMatmuls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.matmul
+        return func(*args, **(kwargs or {}))
+
+
+def test_window_skips_chunks_below_the_window():
+    """Only key chunks that reach into the window are computed: with window = chunk,
+    every query chunk but the first touches exactly two key chunks."""
+    S_long, chunk = 256, 32
+    q, k, v, dout = make_inputs(B=1, S_q=S_long, H=2, H_kv=1, D=4, dtype=torch.float32)
+    idx = torch.arange(S_long)
+    kw = dict(q_index=idx, k_index=idx, window=chunk, q_chunk_size=chunk, k_chunk_size=chunk, backend="torch")
+    n_q = S_long // chunk
+    with _CountMatmuls() as fwd:
+        out, lse = attention_forward(q, k, v, **kw)
+    assert fwd.calls == 2 * (2 * n_q - 1)  # QK^T and PV per visited chunk pair
+    with _CountMatmuls() as bwd:
+        attention_backward(dout, q, k, v, out, lse, **kw)
+    assert bwd.calls == 5 * (2 * n_q - 1)

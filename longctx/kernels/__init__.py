@@ -12,6 +12,9 @@ device), ``"triton"`` (``triton_attention``: compiled on CUDA, or on any device
 under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton for CUDA tensors when triton
 imports, the torch reference otherwise).
 
+``window=W`` (all three) adds a sliding-window mask: key j is visible to
+query i only when ``q_index[i] - k_index[j] < W``.
+
 ``attention_forward(..., acc=(out_acc, lse_acc))`` folds the call's result
 into an incoming fp32 ``(out, lse)`` (ring steps) and returns the merged
 result with out in fp32; see its docstring.
@@ -83,9 +86,11 @@ def _select_backend(backend: str, q: torch.Tensor):
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
 
 
-def _chunk_options(q_chunk_size, k_chunk_size):
+def _options(q_index, k_index, q_doc, k_doc, causal, window, softmax_scale, q_chunk_size, k_chunk_size):
+    """The keywords every backend's ``forward`` / ``backward`` takes."""
+    opts = dict(q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
+                causal=causal, window=window, softmax_scale=softmax_scale)
     # Only forward explicit chunk sizes, so each backend keeps its own defaults.
-    opts = {}
     if q_chunk_size is not None:
         opts["q_chunk_size"] = int(q_chunk_size)
     if k_chunk_size is not None:
@@ -93,26 +98,13 @@ def _chunk_options(q_chunk_size, k_chunk_size):
     return opts
 
 
-def attention_forward(
-    q,
-    k,
-    v,
-    *,
-    q_index,
-    k_index,
-    q_doc=None,
-    k_doc=None,
-    causal=True,
-    softmax_scale=None,
-    backend="auto",
-    q_chunk_size=None,
-    k_chunk_size=None,
-    acc=None,
-):
+def attention_forward(q, k, v, *, q_index, k_index, q_doc=None, k_doc=None, causal=True, window=None,
+                      softmax_scale=None, backend="auto", q_chunk_size=None, k_chunk_size=None, acc=None):
     """q ``[B, S_q, H, D]``, k/v ``[B, S_k, H_kv, D]`` -> (out ``[B, S_q, H, D]``, lse ``[B, H, S_q]``).
 
     out has q's dtype; lse is fp32 (fp64 for fp64 inputs), natural log;
-    rows with no visible key give out = 0, lse = -inf.
+    rows with no visible key give out = 0, lse = -inf. ``window`` (a positive
+    int or None) keeps only keys with ``q_index - k_index < window``.
 
     Accumulating mode (ring steps): ``acc=(out_acc, lse_acc)`` with
     ``out_acc`` fp32 ``[B, S_q, H, D]`` and ``lse_acc`` fp32 ``[B, H, S_q]``
@@ -125,26 +117,13 @@ def attention_forward(
     backends return new tensors and leave ``out_acc``/``lse_acc`` unchanged.
     """
     impl = _select_backend(backend, q)
-    opts = _chunk_options(q_chunk_size, k_chunk_size)
-    if acc is not None:
-        out_acc, lse_acc = _check_acc(acc, q)
-        if getattr(impl, "SUPPORTS_ACC", False):
-            return impl.forward(
-                q, k, v,
-                q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
-                causal=causal, softmax_scale=softmax_scale, acc=(out_acc, lse_acc), **opts,
-            )
-        out_b, lse_b = impl.forward(
-            q, k, v,
-            q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
-            causal=causal, softmax_scale=softmax_scale, **opts,
-        )
-        return merge_partials(out_acc, lse_acc, out_b, lse_b)
-    return impl.forward(
-        q, k, v,
-        q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
-        causal=causal, softmax_scale=softmax_scale, **opts,
-    )
+    opts = _options(q_index, k_index, q_doc, k_doc, causal, window, softmax_scale, q_chunk_size, k_chunk_size)
+    if acc is None:
+        return impl.forward(q, k, v, **opts)
+    out_acc, lse_acc = _check_acc(acc, q)
+    if getattr(impl, "SUPPORTS_ACC", False):
+        return impl.forward(q, k, v, acc=(out_acc, lse_acc), **opts)
+    return merge_partials(out_acc, lse_acc, *impl.forward(q, k, v, **opts))
 
 
 def _check_acc(acc, q):
@@ -163,25 +142,9 @@ def _check_acc(acc, q):
     return out_acc, lse_acc
 
 
-def attention_backward(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    *,
-    q_index,
-    k_index,
-    q_doc=None,
-    k_doc=None,
-    causal=True,
-    softmax_scale=None,
-    backend="auto",
-    delta=None,
-    q_chunk_size=None,
-    k_chunk_size=None,
-):
+def attention_backward(dout, q, k, v, out, lse, *, q_index, k_index, q_doc=None, k_doc=None, causal=True,
+                       window=None, softmax_scale=None, backend="auto", delta=None, q_chunk_size=None,
+                       k_chunk_size=None):
     """Gradients (dq, dk, dv) in the input dtypes.
 
     ``out``/``lse`` may be the global results over a larger key set; the
@@ -189,25 +152,16 @@ def attention_backward(
     ``[B, H, S_q]``) is rowsum(dout * out), computed when not given.
     """
     impl = _select_backend(backend, q)
-    return impl.backward(
-        dout, q, k, v, out, lse,
-        q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
-        causal=causal, softmax_scale=softmax_scale, delta=delta,
-        **_chunk_options(q_chunk_size, k_chunk_size),
-    )
+    opts = _options(q_index, k_index, q_doc, k_doc, causal, window, softmax_scale, q_chunk_size, k_chunk_size)
+    return impl.backward(dout, q, k, v, out, lse, delta=delta, **opts)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_index, k_index, q_doc, k_doc, causal, softmax_scale, backend, q_chunk, k_chunk):
-        out, lse = attention_forward(
-            q, k, v, q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
-            causal=causal, softmax_scale=softmax_scale, backend=backend,
-            q_chunk_size=q_chunk, k_chunk_size=k_chunk,
-        )
+    def forward(ctx, q, k, v, q_index, k_index, q_doc, k_doc, opts):
+        out, lse = attention_forward(q, k, v, q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc, **opts)
         ctx.save_for_backward(q, k, v, out, lse, q_index, k_index, q_doc, k_doc)
-        ctx.opts = dict(causal=causal, softmax_scale=softmax_scale, backend=backend,
-                        q_chunk_size=q_chunk, k_chunk_size=k_chunk)
+        ctx.opts = opts
         return out
 
     @staticmethod
@@ -215,27 +169,13 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, q_index, k_index, q_doc, k_doc = ctx.saved_tensors
         dq, dk, dv = attention_backward(
-            dout, q, k, v, out, lse, q_index=q_index, k_index=k_index,
-            q_doc=q_doc, k_doc=k_doc, **ctx.opts,
+            dout, q, k, v, out, lse, q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc, **ctx.opts,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def attention(
-    q,
-    k,
-    v,
-    *,
-    q_index=None,
-    k_index=None,
-    q_doc=None,
-    k_doc=None,
-    causal=True,
-    softmax_scale=None,
-    backend="auto",
-    q_chunk_size=None,
-    k_chunk_size=None,
-):
+def attention(q, k, v, *, q_index=None, k_index=None, q_doc=None, k_doc=None, causal=True, window=None,
+              softmax_scale=None, backend="auto", q_chunk_size=None, k_chunk_size=None):
     """Differentiable attention; indices default to ``arange``. Returns out only."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -244,6 +184,6 @@ def attention(
         q_index = torch.arange(q.shape[1], device=q.device)
     if k_index is None:
         k_index = torch.arange(k.shape[1], device=k.device)
-    return _Attention.apply(
-        q, k, v, q_index, k_index, q_doc, k_doc, causal, softmax_scale, backend, q_chunk_size, k_chunk_size
-    )
+    opts = dict(causal=causal, window=window, softmax_scale=softmax_scale, backend=backend,
+                q_chunk_size=q_chunk_size, k_chunk_size=k_chunk_size)
+    return _Attention.apply(q, k, v, q_index, k_index, q_doc, k_doc, opts)

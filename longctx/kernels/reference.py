@@ -1,9 +1,12 @@
 """Torch reference attention: exact, chunked, any device.
 
 Semantics (see ARCHITECTURE.md, "Kernels"): key j is visible to query i when
-``(not causal or q_index[i] >= k_index[j]) and q_doc[b, i] == k_doc[b, j]``.
+``(not causal or q_index[i] >= k_index[j]) and q_doc[b, i] == k_doc[b, j]
+and (window is None or q_index[i] - k_index[j] < window)``.
 Queries and keys are processed in chunks with an online softmax, so memory is
-O(S * D + q_chunk * k_chunk) per (batch, head), never O(S_q * S_k).
+O(S * D + q_chunk * k_chunk) per (batch, head), never O(S_q * S_k); chunk
+pairs that cannot hold a visible pair (from the chunks' index ranges) are
+skipped before any score is computed.
 
 GQA is handled by viewing q as ``[B, H_kv, G, S, D]`` (query head
 ``h = kv * G + g``) and broadcasting k/v over ``G``, so k/v are never repeated.
@@ -15,6 +18,7 @@ produces NaN for such rows, forward or backward.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -27,6 +31,10 @@ __all__ = [
     "merge_partials",
     "visible_pairs",
     "check_inputs",
+    "check_window",
+    "check_backward_inputs",
+    "dims",
+    "visible_counts",
     "compute_dtype",
     "DEFAULT_Q_CHUNK",
     "DEFAULT_K_CHUNK",
@@ -43,8 +51,44 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def check_inputs(q, k, v, q_index, k_index, q_doc, k_doc) -> None:
-    """Raise ValueError naming the offending shape."""
+def check_window(window):
+    """``None`` or a positive int (returned as int); ValueError naming ``window`` otherwise."""
+    if window is None:
+        return None
+    if isinstance(window, bool):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    try:
+        w = operator.index(window)
+    except TypeError:
+        raise ValueError(f"window must be a positive int or None, got {window!r}") from None
+    if w < 1:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    return int(w)
+
+
+def dims(q, k, softmax_scale):
+    """(B, S_q, H, D, S_k, H_kv, G, scale) of checked inputs; scale defaults to 1/sqrt(D)."""
+    B, S_q, H, D = q.shape
+    S_k, H_kv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    return B, S_q, H, D, S_k, H_kv, H // H_kv, scale
+
+
+def check_backward_inputs(dout, q, out, lse, delta) -> None:
+    """The backward-only shapes: dout, lse, and out (needed only without delta) or delta."""
+    B, S_q, H, _ = q.shape
+    if dout.shape != q.shape:
+        raise ValueError(f"dout shape {tuple(dout.shape)} must equal q shape {tuple(q.shape)}")
+    if lse.shape != (B, H, S_q):
+        raise ValueError(f"lse must have shape ({B}, {H}, {S_q}), got {tuple(lse.shape)}")
+    if delta is None and out.shape != q.shape:
+        raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
+    if delta is not None and delta.shape != (B, H, S_q):
+        raise ValueError(f"delta must have shape ({B}, {H}, {S_q}), got {tuple(delta.shape)}")
+
+
+def check_inputs(q, k, v, q_index, k_index, q_doc, k_doc, window=None):
+    """Raise ValueError naming the offending shape (or ``window``); returns the checked window."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(t.shape)}")
@@ -77,9 +121,10 @@ def check_inputs(q, k, v, q_index, k_index, q_doc, k_doc) -> None:
             raise ValueError(f"q_doc must have shape ({B}, {S_q}), got {tuple(q_doc.shape)}")
         if k_doc.shape != (B, S_k):
             raise ValueError(f"k_doc must have shape ({B}, {S_k}), got {tuple(k_doc.shape)}")
+    return check_window(window)
 
 
-def _chunk_mask(qi, ki, qd, kd, causal):
+def _chunk_mask(qi, ki, qd, kd, causal, window=None):
     """Visibility of a (query chunk, key chunk) block.
 
     Returns None when everything is visible (no mask to apply), else a bool
@@ -88,10 +133,45 @@ def _chunk_mask(qi, ki, qd, kd, causal):
     mask = None
     if causal:
         mask = (qi[:, None] >= ki[None, :]).unsqueeze(0)
+    if window is not None:
+        in_window = (qi[:, None] - ki[None, :] < window).unsqueeze(0)
+        mask = in_window if mask is None else mask & in_window
     if qd is not None:
         same_doc = qd[:, :, None] == kd[:, None, :]
         mask = same_doc if mask is None else mask & same_doc
     return mask
+
+
+def _chunk_ranges(index, chunk):
+    """[(start, end, min index, max index)] of the chunks of ``index`` (one host sync)."""
+    n = index.numel()
+    starts = list(range(0, n, chunk))
+    if not starts:
+        return []
+    pad = starts[-1] + chunk - n  # pad the last chunk with copies of its first element
+    padded = torch.cat([index, index[starts[-1]:starts[-1] + 1].expand(pad)]).view(-1, chunk)
+    lo, hi = padded.amin(dim=1).tolist(), padded.amax(dim=1).tolist()
+    return [(s, min(s + chunk, n), a, b) for s, a, b in zip(starts, lo, hi)]
+
+
+def _visible_chunks(q_chunk, q_index, q_doc, k_chunks, k_index, k_doc, causal, window):
+    """Yield (ks, ke, mask) for the key chunks that may hold a pair visible to ``q_chunk``.
+
+    Chunks are ``_chunk_ranges`` entries. Chunk pairs that are entirely
+    causally invisible or entirely below the window are skipped from the
+    index ranges alone, the others when their mask is all False.
+    """
+    qs, qe, q_lo, q_hi = q_chunk
+    qi, qd = q_index[qs:qe], _chunk_doc(q_doc, qs, qe)
+    for ks, ke, k_lo, k_hi in k_chunks:
+        if causal and q_hi < k_lo:
+            continue  # every key after every query
+        if window is not None and q_lo - k_hi >= window:
+            continue  # every key at or below every query's window
+        mask = _chunk_mask(qi, k_index[ks:ke], qd, _chunk_doc(k_doc, ks, ke), causal, window)
+        if mask is not None and not bool(mask.any()):
+            continue  # e.g. no shared document
+        yield ks, ke, mask
 
 
 def _prepare(q, k, v, q_index, k_index, q_doc, k_doc, cdt):
@@ -121,48 +201,29 @@ def _chunk_doc(doc, start, end):
 # ---------------------------------------------------------------------------
 
 
-def forward(
-    q,
-    k,
-    v,
-    *,
-    q_index,
-    k_index,
-    q_doc=None,
-    k_doc=None,
-    causal=True,
-    softmax_scale=None,
-    q_chunk_size=DEFAULT_Q_CHUNK,
-    k_chunk_size=DEFAULT_K_CHUNK,
-):
+def forward(q, k, v, *, q_index, k_index, q_doc=None, k_doc=None, causal=True, window=None, softmax_scale=None,
+            q_chunk_size=DEFAULT_Q_CHUNK, k_chunk_size=DEFAULT_K_CHUNK):
     """Returns ``out [B, S_q, H, D]`` (q's dtype) and ``lse [B, H, S_q]``.
 
     lse is fp32 (fp64 when the inputs are fp64, so fp64 checks stay tight).
     """
-    check_inputs(q, k, v, q_index, k_index, q_doc, k_doc)
-    B, S_q, H, D = q.shape
-    S_k, H_kv = k.shape[1], k.shape[2]
-    G = H // H_kv
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    window = check_inputs(q, k, v, q_index, k_index, q_doc, k_doc, window)
+    B, S_q, H, D, S_k, H_kv, G, scale = dims(q, k, softmax_scale)
     cdt = compute_dtype(q.dtype)
     qg, kg, vg, q_index, k_index, q_doc, k_doc = _prepare(q, k, v, q_index, k_index, q_doc, k_doc, cdt)
 
     out = torch.zeros(B, H_kv, G, S_q, D, dtype=cdt, device=q.device)
     lse = torch.full((B, H_kv, G, S_q), float("-inf"), dtype=cdt, device=q.device)
+    k_chunks = _chunk_ranges(k_index, k_chunk_size)
 
-    for qs in range(0, S_q, q_chunk_size):
-        qe = min(qs + q_chunk_size, S_q)
+    for q_chunk in _chunk_ranges(q_index, q_chunk_size):
+        qs, qe = q_chunk[:2]
         qc = qg[:, :, :, qs:qe]
-        qi, qd = q_index[qs:qe], _chunk_doc(q_doc, qs, qe)
         # Online-softmax state: running max m, running sum l, unnormalised acc.
         m = torch.full((B, H_kv, G, qe - qs), float("-inf"), dtype=cdt, device=q.device)
         l = torch.zeros_like(m)
         acc = torch.zeros(B, H_kv, G, qe - qs, D, dtype=cdt, device=q.device)
-        for ks in range(0, S_k, k_chunk_size):
-            ke = min(ks + k_chunk_size, S_k)
-            mask = _chunk_mask(qi, k_index[ks:ke], qd, _chunk_doc(k_doc, ks, ke), causal)
-            if mask is not None and not bool(mask.any()):
-                continue  # whole block invisible (e.g. causal upper triangle)
+        for ks, ke, mask in _visible_chunks(q_chunk, q_index, q_doc, k_chunks, k_index, k_doc, causal, window):
             s = torch.matmul(qc, kg[:, :, :, ks:ke].transpose(-1, -2)) * scale
             if mask is not None:
                 s = s.masked_fill(~mask[:, None, None], float("-inf"))
@@ -190,24 +251,8 @@ def forward(
 # ---------------------------------------------------------------------------
 
 
-def backward(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    *,
-    q_index,
-    k_index,
-    q_doc=None,
-    k_doc=None,
-    causal=True,
-    softmax_scale=None,
-    delta=None,
-    q_chunk_size=DEFAULT_Q_CHUNK,
-    k_chunk_size=DEFAULT_K_CHUNK,
-):
+def backward(dout, q, k, v, out, lse, *, q_index, k_index, q_doc=None, k_doc=None, causal=True, window=None,
+             softmax_scale=None, delta=None, q_chunk_size=DEFAULT_Q_CHUNK, k_chunk_size=DEFAULT_K_CHUNK):
     """FlashAttention-2 style backward; returns dq, dk, dv in the input dtypes.
 
     Probabilities are recomputed from the *given* ``lse`` (never recomputed
@@ -216,19 +261,9 @@ def backward(
     then exactly this key block's contribution. ``delta`` = rowsum(dout * out),
     ``[B, H, S_q]``, is computed from ``dout`` and ``out`` when not given.
     """
-    check_inputs(q, k, v, q_index, k_index, q_doc, k_doc)
-    B, S_q, H, D = q.shape
-    S_k, H_kv = k.shape[1], k.shape[2]
-    G = H // H_kv
-    if dout.shape != q.shape:
-        raise ValueError(f"dout shape {tuple(dout.shape)} must equal q shape {tuple(q.shape)}")
-    if lse.shape != (B, H, S_q):
-        raise ValueError(f"lse must have shape ({B}, {H}, {S_q}), got {tuple(lse.shape)}")
-    if delta is None and out.shape != q.shape:
-        raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
-    if delta is not None and delta.shape != (B, H, S_q):
-        raise ValueError(f"delta must have shape ({B}, {H}, {S_q}), got {tuple(delta.shape)}")
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    window = check_inputs(q, k, v, q_index, k_index, q_doc, k_doc, window)
+    check_backward_inputs(dout, q, out, lse, delta)
+    B, S_q, H, D, S_k, H_kv, G, scale = dims(q, k, softmax_scale)
     cdt = compute_dtype(q.dtype, dout.dtype, lse.dtype)
     qg, kg, vg, q_index, k_index, q_doc, k_doc = _prepare(q, k, v, q_index, k_index, q_doc, k_doc, cdt)
 
@@ -248,20 +283,16 @@ def backward(
     dk = torch.zeros(B, H_kv, S_k, D, dtype=cdt, device=q.device)
     dv = torch.zeros(B, H_kv, S_k, D, dtype=cdt, device=q.device)
 
-    for qs in range(0, S_q, q_chunk_size):
-        qe = min(qs + q_chunk_size, S_q)
+    k_chunks = _chunk_ranges(k_index, k_chunk_size)
+    for q_chunk in _chunk_ranges(q_index, q_chunk_size):
+        qs, qe = q_chunk[:2]
         cq = qe - qs
         qc, doc = qg[:, :, :, qs:qe], dog[:, :, :, qs:qe]
         lse_c, delta_c = lse[:, :, :, qs:qe, None], delta[:, :, :, qs:qe, None]
-        qi, qd = q_index[qs:qe], _chunk_doc(q_doc, qs, qe)
         # Flattened (G, cq) views let dK/dV sum over the G heads in one matmul.
         qc_flat = qc.reshape(B, H_kv, G * cq, D)
         doc_flat = doc.reshape(B, H_kv, G * cq, D)
-        for ks in range(0, S_k, k_chunk_size):
-            ke = min(ks + k_chunk_size, S_k)
-            mask = _chunk_mask(qi, k_index[ks:ke], qd, _chunk_doc(k_doc, ks, ke), causal)
-            if mask is not None and not bool(mask.any()):
-                continue
+        for ks, ke, mask in _visible_chunks(q_chunk, q_index, q_doc, k_chunks, k_index, k_doc, causal, window):
             kc, vc = kg[:, :, :, ks:ke], vg[:, :, :, ks:ke]
             s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
             if mask is not None:
@@ -316,17 +347,57 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def visible_pairs(q_index, k_index, q_doc=None, k_doc=None, causal=True, *, batch_size=None) -> int:
+def visible_counts(q_index, k_index, q_doc=None, k_doc=None, causal=True, window=None):
+    """Per query, the number of visible keys: int64 ``[B, S_q]`` (``[1, S_q]`` without documents).
+
+    Keys are sorted by (document, index) packed into one int64 (documents
+    mapped to ranks < B * (S_q + S_k) first, so the packing cannot overflow)
+    and each query's visible keys -- its document's keys with index in
+    ``(q - window, q]`` (``(q - window, inf)`` without causality) -- are
+    counted by two binary searches: O(S log S), no ``S_q x S_k`` mask, no
+    host-device sync. Inputs are assumed validated (1-D indices, ``[B, S]``
+    documents, a checked window).
+    """
+    dev = q_index.device
+    q_index = q_index.to(torch.int64)
+    k_index = k_index.to(device=dev, dtype=torch.int64)
+    S_q, S_k = q_index.numel(), k_index.numel()
+    rows = 1 if q_doc is None else q_doc.shape[0]
+    if S_q == 0 or S_k == 0:
+        return torch.zeros(rows, S_q, dtype=torch.int64, device=dev)
+    if q_doc is None:
+        q_rank = torch.zeros(1, S_q, dtype=torch.int64, device=dev)
+        k_rank = torch.zeros(1, S_k, dtype=torch.int64, device=dev)
+    else:
+        q_doc = q_doc.to(device=dev, dtype=torch.int64)
+        k_doc = k_doc.to(device=dev, dtype=torch.int64)
+        all_docs = torch.sort(torch.cat([q_doc.flatten(), k_doc.flatten()])).values
+        q_rank = torch.searchsorted(all_docs, q_doc.contiguous())
+        k_rank = torch.searchsorted(all_docs, k_doc.contiguous())
+    lo = torch.minimum(q_index.min(), k_index.min())
+    span = torch.maximum(q_index.max(), k_index.max()) - lo + 1
+    k_keys = torch.sort(k_rank * span + (k_index - lo), dim=1).values
+    q_off = q_index - lo  # in [0, span)
+    first = torch.zeros_like(q_off) if window is None else (q_off - (window - 1)).clamp(min=0)
+    last = q_off if causal else span - 1
+    base = q_rank * span
+    return (torch.searchsorted(k_keys, base + last, right=True)
+            - torch.searchsorted(k_keys, base + first))
+
+
+def visible_pairs(q_index, k_index, q_doc=None, k_doc=None, causal=True, *, window=None, batch_size=None) -> int:
     """Number of visible (query, key) pairs, summed over the batch rows.
 
     With documents, the rows are those of ``q_doc``/``k_doc`` ``[B, S]``.
     Without documents every row has the same count; it is multiplied by
     ``batch_size`` (default 1, i.e. the count for one row). Attention FLOPs
-    are then ``4 * H * D * visible_pairs(...)`` over the whole batch.
+    are then ``4 * H * D * visible_pairs(...)`` over the whole batch. With a
+    ``window``, only pairs with ``q_index - k_index < window`` count.
 
-    Counting uses sort + binary search, O(S log S) time and O(S) memory, so
-    no ``S_q x S_k`` mask is built.
+    Counting uses sort + binary search (``visible_counts``), O(S log S) time
+    and O(S) memory, so no ``S_q x S_k`` mask is built.
     """
+    window = check_window(window)
     q_index = torch.as_tensor(q_index).to(torch.int64)
     k_index = torch.as_tensor(k_index).to(device=q_index.device, dtype=torch.int64)
     if q_index.dim() != 1 or k_index.dim() != 1:
@@ -336,34 +407,20 @@ def visible_pairs(q_index, k_index, q_doc=None, k_doc=None, causal=True, *, batc
     if (q_doc is None) != (k_doc is None):
         raise ValueError("q_doc and k_doc must both be given or both be None")
     S_q, S_k = q_index.numel(), k_index.numel()
+    rows = 1 if batch_size is None else int(batch_size)
+    if q_doc is not None:
+        q_doc = torch.as_tensor(q_doc).to(device=q_index.device, dtype=torch.int64)
+        k_doc = torch.as_tensor(k_doc).to(device=q_index.device, dtype=torch.int64)
+        if q_doc.dim() != 2 or q_doc.shape[1] != S_q:
+            raise ValueError(f"q_doc must have shape (B, {S_q}), got {tuple(q_doc.shape)}")
+        B = q_doc.shape[0]
+        if k_doc.shape != (B, S_k):
+            raise ValueError(f"k_doc must have shape ({B}, {S_k}), got {tuple(k_doc.shape)}")
+        if batch_size is not None and int(batch_size) != B:
+            raise ValueError(f"batch_size={batch_size} disagrees with q_doc shape {tuple(q_doc.shape)}")
+        rows = 1  # the counts already cover every row
     if S_q == 0 or S_k == 0:
         return 0
-
-    if q_doc is None:
-        rows = 1 if batch_size is None else int(batch_size)
-        if not causal:
-            return rows * S_q * S_k
-        # Keys visible to query i: those with k_index <= q_index[i].
-        k_sorted = torch.sort(k_index).values
-        return rows * int(torch.searchsorted(k_sorted, q_index, right=True).sum())
-
-    q_doc = torch.as_tensor(q_doc).to(device=q_index.device, dtype=torch.int64)
-    k_doc = torch.as_tensor(k_doc).to(device=q_index.device, dtype=torch.int64)
-    if q_doc.dim() != 2 or q_doc.shape[1] != S_q:
-        raise ValueError(f"q_doc must have shape (B, {S_q}), got {tuple(q_doc.shape)}")
-    B = q_doc.shape[0]
-    if k_doc.shape != (B, S_k):
-        raise ValueError(f"k_doc must have shape ({B}, {S_k}), got {tuple(k_doc.shape)}")
-    if batch_size is not None and int(batch_size) != B:
-        raise ValueError(f"batch_size={batch_size} disagrees with q_doc shape {tuple(q_doc.shape)}")
-    # Sort keys by (doc, index) packed into one int64: doc ids are first mapped
-    # to dense ranks so the packing cannot overflow.
-    ranks = torch.unique(torch.cat([q_doc.flatten(), k_doc.flatten()]), return_inverse=True)[1]
-    q_rank, k_rank = ranks[: B * S_q].view(B, S_q), ranks[B * S_q :].view(B, S_k)
-    lo = int(torch.minimum(q_index.min(), k_index.min()))
-    span = int(torch.maximum(q_index.max(), k_index.max())) - lo + 1
-    k_keys = torch.sort(k_rank * span + (k_index - lo)).values  # [B, S_k]
-    first = q_rank * span  # smallest key of the query's document
-    last = first + ((q_index - lo) if causal else (span - 1))  # largest visible key
-    counts = torch.searchsorted(k_keys, last, right=True) - torch.searchsorted(k_keys, first)
-    return int(counts.sum())
+    if q_doc is None and not causal and window is None:
+        return rows * S_q * S_k
+    return rows * int(visible_counts(q_index, k_index, q_doc, k_doc, causal, window).sum())

@@ -1,7 +1,8 @@
 """Triton attention backend: same semantics and keywords as ``reference``.
 
 ``forward`` / ``backward`` take the contract's arguments (``q_index``,
-``k_index``, optional ``q_doc``/``k_doc``, ``causal``, ``softmax_scale``),
+``k_index``, optional ``q_doc``/``k_doc``, ``causal``, ``window``,
+``softmax_scale``),
 plus ``acc=(out_acc, lse_acc)`` on forward (fold into an incoming result
 inside the kernel) and ``delta`` on backward (precomputed rowsum(dO * O)).
 The reference backend's ``q_chunk_size`` / ``k_chunk_size`` are accepted and
@@ -11,14 +12,16 @@ Runs compiled on CUDA tensors, or under the Triton interpreter
 (``TRITON_INTERPRET=1`` in the environment when the call is made) on any
 device, in fp32/fp16 (bf16 needs a GPU: numpy has no bfloat16).
 
-Kernel design (see ``_triton_kernels.py``):
+Kernel design (see ``_triton_kernels.py``; kernels in ``_triton_fwd.py`` /
+``_triton_bwd.py``, shared helpers in ``_triton_common.py``):
 
 * Forward: one program per (query tile, batch, head); online softmax over key
   tiles in the log2 domain, fp32 accumulators, natural-log fp32 lse.
 * Visibility: the host computes, for each query (and, for dK/dV, each key),
-  the first and last position on the other side that can be visible, and
-  whether the visible set is exactly that interval (``_bounds``; O(S log S)
-  sorts and searches, no host-device sync). Kernels visit only tiles inside
+  the first and last position on the other side that can be visible (with a
+  window, also the first that is not below it), and whether the visible set
+  is exactly that interval (``_bounds``; O(S log S) sorts and searches, no
+  host-device sync). Kernels visit only tiles inside
   the tile's bounds, run the tiles that are fully visible to the whole query
   tile without any mask, and build the element mask only on boundary tiles,
   skipping those (before loading K/V) when nothing in them is visible.
@@ -31,13 +34,13 @@ Kernel design (see ``_triton_kernels.py``):
 
 from __future__ import annotations
 
-import math
 import os
+from types import SimpleNamespace
 
 import torch
 import triton
 
-from .reference import check_inputs
+from .reference import check_backward_inputs, check_inputs, dims, visible_counts
 from .triton_mode import interpreting, load_kernel_module
 
 SUPPORTS_ACC = True
@@ -89,32 +92,35 @@ def _require(q):
 # ---------------------------------------------------------------------------
 
 
-def _bounds(a_idx, b_idx, a_doc, b_doc, causal):
+def _bounds(a_idx, b_idx, a_doc, b_doc, causal, window=None):
     """Per row i of side "a", bounds over positions j of side "b" where
-    visible(i, j) = (not causal or b_idx[j] <= a_idx[i]) and a_doc[:, i] == b_doc[:, j].
+    visible(i, j) = (not causal or b_idx[j] <= a_idx[i]) and a_doc[:, i] == b_doc[:, j]
+    and (window is None or a_idx[i] - b_idx[j] < window).
 
     Returns int32 ``[Bb, 4, S_a]``: lo, hi (every visible j lies in [lo, hi];
     lo = S_b, hi = -1 when nothing is visible) and flo, fhi (= lo, hi when the
     visible set is exactly the interval [lo, hi], else the empty S_b, -1).
-    ``Bb`` = B with documents, else 1.
+    ``Bb`` = B with documents, else 1. The key side of the backward is the
+    same question with negated indices (``q >= k`` and ``q - k < W`` become
+    ``-q <= -k`` and ``-k - (-q) < W``).
     """
     S_a, S_b = a_idx.numel(), b_idx.numel()
     dev = a_idx.device
+    lo = torch.zeros(S_a, dtype=torch.int64, device=dev)
+    hi = torch.full((S_a,), S_b - 1, dtype=torch.int64, device=dev)
     if causal:
         pmin = torch.cummin(b_idx, 0).values  # prefix min, non-increasing
         lo = torch.searchsorted(-pmin, -a_idx, side="left")  # first j with pmin[j] <= a
         smin = torch.flip(torch.cummin(torch.flip(b_idx, [0]), 0).values, [0])  # suffix min, non-decreasing
         hi = torch.searchsorted(smin, a_idx, side="right") - 1  # last j with smin[j] <= a
-    else:
-        lo = torch.zeros(S_a, dtype=torch.int64, device=dev)
-        hi = torch.full((S_a,), S_b - 1, dtype=torch.int64, device=dev)
+    if window is not None:
+        # visible needs b_idx[j] > a - window
+        pmax = torch.cummax(b_idx, 0).values  # prefix max, non-decreasing
+        lo = torch.maximum(lo, torch.searchsorted(pmax, a_idx - window, side="right"))  # first j with pmax[j] > a - W
+        smax = torch.flip(torch.cummax(torch.flip(b_idx, [0]), 0).values, [0])  # suffix max, non-increasing
+        hi = torch.minimum(hi, torch.searchsorted(-smax, window - a_idx, side="left") - 1)  # last j, smax[j] > a - W
     lo, hi = lo[None], hi[None]
-    if a_doc is None:
-        if causal:
-            count = torch.searchsorted(torch.sort(b_idx).values, a_idx, side="right")[None]
-        else:
-            count = torch.full_like(lo, S_b)
-    else:
+    if a_doc is not None:
         ad, bd = a_doc, b_doc  # already shifted to >= 0 by _prep
         pos = torch.arange(S_b, device=dev)
         keys = torch.sort(bd * S_b + pos, dim=1).values  # by (doc, position)
@@ -125,14 +131,7 @@ def _bounds(a_idx, b_idx, a_doc, b_doc, causal):
         hi_d = torch.gather(keys, 1, (end - 1).clamp(min=0)) % S_b
         lo = torch.where(has, torch.maximum(lo, lo_d), S_b)
         hi = torch.where(has, torch.minimum(hi, hi_d), -1)
-        if causal:
-            imin = torch.minimum(a_idx.min(), b_idx.min())
-            span = torch.maximum(a_idx.max(), b_idx.max()) - imin + 1
-            ck = torch.sort(bd * span + (b_idx - imin)[None], dim=1).values
-            count = (torch.searchsorted(ck, ad * span + (a_idx - imin)[None], side="right")
-                     - torch.searchsorted(ck, ad * span, side="left"))
-        else:
-            count = end - first
+    count = visible_counts(a_idx, b_idx, a_doc, b_doc, causal, window)
     nonempty = (hi >= lo) & (count > 0)
     exact = nonempty & (count == hi - lo + 1)
     lo = torch.where(nonempty, lo, S_b)
@@ -167,12 +166,6 @@ def _prep(q, q_index, k_index, q_doc, k_doc):
     return (q_index, k_index, q_doc, k_doc), (q32, k32, qd32, kd32)
 
 
-def _doc_args(q_doc, k_doc, dummy):
-    if q_doc is None:
-        return dummy, dummy, 0, 0
-    return q_doc, k_doc, q_doc.stride(0), k_doc.stride(0)
-
-
 def _consts(q, D, causal, has_doc):
     block_d = max(16, triton_next_pow2(D))
     return dict(
@@ -185,42 +178,53 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length() if n > 1 else 1
 
 
+def _setup(q, k, v, q_index, k_index, q_doc, k_doc, causal, window, softmax_scale):
+    """Checked inputs -> everything both launches need (a namespace).
+
+    ``ids`` are the kernels' int32 index/doc pointers (a dummy for absent
+    docs), ``kwin`` the kernels' window (``NO_WINDOW`` for none).
+    """
+    window = check_inputs(q, k, v, q_index, k_index, q_doc, k_doc, window)
+    _require(q)
+    km = _kernel_module()
+    B, S_q, H, D, S_k, H_kv, G, scale = dims(q, k, softmax_scale)
+    (q_index, k_index, q_doc, k_doc), (qi32, ki32, qd32, kd32) = _prep(q, q_index, k_index, q_doc, k_doc)
+    has_doc = q_doc is not None
+    return SimpleNamespace(
+        km=km, B=B, S_q=S_q, H=H, D=D, S_k=S_k, H_kv=H_kv, G=G, scale=scale, has_doc=has_doc, causal=causal,
+        window=window, kwin=km.NO_WINDOW if window is None else min(window, km.NO_WINDOW),
+        idx=(q_index, k_index, q_doc, k_doc),
+        ids=(qi32, ki32, qi32, qi32) if qd32 is None else (qi32, ki32, qd32, kd32),
+        doc_strides=(0, 0) if qd32 is None else (qd32.stride(0), kd32.stride(0)),
+        consts=_consts(q, D, causal, has_doc), buckets=(_bucket(S_q), _bucket(S_k)),
+    )
+
+
+def _side_bounds(p, keys=False):
+    """(bounds, batch stride) for the query side, or the key side with ``keys``."""
+    q_index, k_index, q_doc, k_doc = p.idx
+    if keys:  # query i sees key j iff -q_idx[i] <= -k_idx[j] (and -k - (-q) < window)
+        bnd = _bounds(-k_index, -q_index, k_doc, q_doc, p.causal, p.window)
+    else:
+        bnd = _bounds(q_index, k_index, q_doc, k_doc, p.causal, p.window)
+    return bnd, bnd.stride(0) if p.has_doc else 0
+
+
 # ---------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------
 
 
-def forward(
-    q,
-    k,
-    v,
-    *,
-    q_index,
-    k_index,
-    q_doc=None,
-    k_doc=None,
-    causal=True,
-    softmax_scale=None,
-    acc=None,
-    q_chunk_size=None,
-    k_chunk_size=None,
-):
+def forward(q, k, v, *, q_index, k_index, q_doc=None, k_doc=None, causal=True, window=None, softmax_scale=None,
+            acc=None, q_chunk_size=None, k_chunk_size=None):
     """out ``[B, S_q, H, D]`` (q's dtype; fp32 with ``acc``), lse fp32 ``[B, H, S_q]``.
 
     With ``acc=(out_acc, lse_acc)`` the incoming result is read by the kernel
     and the merged result is written to new tensors (the inputs are not
     modified).
     """
-    check_inputs(q, k, v, q_index, k_index, q_doc, k_doc)
-    _require(q)
-    km = _kernel_module()
-    B, S_q, H, D = q.shape
-    S_k, H_kv = k.shape[1], k.shape[2]
-    G = H // H_kv
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-    (q_index, k_index, q_doc, k_doc), (qi32, ki32, qd32, kd32) = _prep(q, q_index, k_index, q_doc, k_doc)
-    has_doc = q_doc is not None
-
+    p = _setup(q, k, v, q_index, k_index, q_doc, k_doc, causal, window, softmax_scale)
+    B, S_q, H, D, S_k = p.B, p.S_q, p.H, p.D, p.S_k
     if acc is not None:
         out_in = acc[0].to(device=q.device, dtype=torch.float32).contiguous()
         lse_in = acc[1].to(device=q.device, dtype=torch.float32).contiguous()
@@ -229,30 +233,19 @@ def forward(
         out_in = lse_in = None
         out = torch.empty(B, S_q, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32)
-    if B == 0 or S_q == 0 or H == 0:
+    if B == 0 or S_q == 0 or H == 0 or S_k == 0:
         return (out.zero_(), lse.fill_(float("-inf"))) if acc is None else (out_in.clone(), lse_in.clone())
 
-    qb = _bounds(q_index, k_index, q_doc, k_doc, causal)
-    qdoc_t, kdoc_t, sqdoc, skdoc = _doc_args(qd32, kd32, qi32)
-    sbnd = qb.stride(0) if has_doc else 0
+    qb, sbnd = _side_bounds(p)
     if out_in is None:
         out_in, lse_in, si = out, lse, out.stride()
     else:
         si = out_in.stride()
-    consts = _consts(q, D, causal, has_doc)
-    fixed = km.FIXED["fwd"]
-
-    def grid(meta):
-        return (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)
-
-    km.attn_fwd[grid](
-        q, k, v, out, lse, out_in, lse_in,
-        qi32, ki32, qdoc_t, kdoc_t, qb,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *si,
-        sqdoc, skdoc, sbnd,
-        H, G, S_q, S_k, D, scale * km.LOG2E_F,
-        _bucket(S_q), _bucket(S_k),
-        ACC=acc is not None, **consts, **fixed,
+    p.km.attn_fwd[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)](
+        q, k, v, out, lse, out_in, lse_in, *p.ids, qb,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *si, *p.doc_strides, sbnd,
+        H, p.G, S_q, S_k, D, p.scale * p.km.LOG2E_F, p.kwin, *p.buckets,
+        ACC=acc is not None, **p.consts, **p.km.FIXED["fwd"],
     )
     return out, lse
 
@@ -262,43 +255,13 @@ def forward(
 # ---------------------------------------------------------------------------
 
 
-def backward(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    *,
-    q_index,
-    k_index,
-    q_doc=None,
-    k_doc=None,
-    causal=True,
-    softmax_scale=None,
-    delta=None,
-    q_chunk_size=None,
-    k_chunk_size=None,
-):
+def backward(dout, q, k, v, out, lse, *, q_index, k_index, q_doc=None, k_doc=None, causal=True, window=None,
+             softmax_scale=None, delta=None, q_chunk_size=None, k_chunk_size=None):
     """dq, dk, dv (input dtypes). P is recomputed from the given ``lse``; ``delta``
     ``[B, H, S_q]`` = rowsum(dout * out) is computed by a small kernel when not given."""
-    check_inputs(q, k, v, q_index, k_index, q_doc, k_doc)
-    _require(q)
-    km = _kernel_module()
-    B, S_q, H, D = q.shape
-    S_k, H_kv = k.shape[1], k.shape[2]
-    G = H // H_kv
-    if dout.shape != q.shape:
-        raise ValueError(f"dout shape {tuple(dout.shape)} must equal q shape {tuple(q.shape)}")
-    if lse.shape != (B, H, S_q):
-        raise ValueError(f"lse must have shape ({B}, {H}, {S_q}), got {tuple(lse.shape)}")
-    if delta is None and out.shape != q.shape:
-        raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
-    if delta is not None and delta.shape != (B, H, S_q):
-        raise ValueError(f"delta must have shape ({B}, {H}, {S_q}), got {tuple(delta.shape)}")
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-    (q_index, k_index, q_doc, k_doc), (qi32, ki32, qd32, kd32) = _prep(q, q_index, k_index, q_doc, k_doc)
-    has_doc = q_doc is not None
+    p = _setup(q, k, v, q_index, k_index, q_doc, k_doc, causal, window, softmax_scale)
+    check_backward_inputs(dout, q, out, lse, delta)
+    B, S_q, H, D, S_k, H_kv, km = p.B, p.S_q, p.H, p.D, p.S_k, p.H_kv, p.km
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
 
@@ -308,38 +271,30 @@ def backward(
     if B == 0 or H == 0 or S_q == 0 or S_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.to(device=q.device, dtype=torch.float32).contiguous()
-    consts = _consts(q, D, causal, has_doc)
 
     if delta is None:
         delta = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32)
         pre_m = km.PRE_BLOCK_M
         km.bwd_preprocess[(triton.cdiv(S_q, pre_m), B * H)](
             out, dout, delta, *out.stride(), *dout.stride(), H, S_q, D,
-            BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_m,
+            BLOCK_D=p.consts["BLOCK_D"], BLOCK_M=pre_m,
         )
     else:
         delta = delta.to(device=q.device, dtype=torch.float32).contiguous()
 
-    qdoc_t, kdoc_t, sqdoc, skdoc = _doc_args(qd32, kd32, qi32)
-    # Key-side bounds: query i sees key j iff q_idx[i] >= k_idx[j]  <=>  -q_idx <= -k_idx.
-    kb = _bounds(-k_index, -q_index, k_doc, q_doc, causal)
+    scales = (p.scale * km.LOG2E_F, p.scale, p.kwin)
+    kb, skb = _side_bounds(p, keys=True)
     km.attn_bwd_dkdv[lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H_kv)](
-        q, k, v, dout, lse, delta, dk, dv,
-        qi32, ki32, qdoc_t, kdoc_t, kb,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        sqdoc, skdoc, kb.stride(0) if has_doc else 0,
-        H, H_kv, G, S_q, S_k, D, scale * km.LOG2E_F, scale,
-        _bucket(S_q), _bucket(S_k),
-        **consts, **km.FIXED["dkdv"],
+        q, k, v, dout, lse, delta, dk, dv, *p.ids, kb,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *p.doc_strides, skb,
+        H, H_kv, p.G, S_q, S_k, D, *scales, *p.buckets,
+        **p.consts, **km.FIXED["dkdv"],
     )
-    qb = _bounds(q_index, k_index, q_doc, k_doc, causal)
+    qb, sqb = _side_bounds(p)
     km.attn_bwd_dq[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq,
-        qi32, ki32, qdoc_t, kdoc_t, qb,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        sqdoc, skdoc, qb.stride(0) if has_doc else 0,
-        H, G, S_q, S_k, D, scale * km.LOG2E_F, scale,
-        _bucket(S_q), _bucket(S_k),
-        **consts, **km.FIXED["dq"],
+        q, k, v, dout, lse, delta, dq, *p.ids, qb,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *p.doc_strides, sqb,
+        H, p.G, S_q, S_k, D, *scales, *p.buckets,
+        **p.consts, **km.FIXED["dq"],
     )
     return dq, dk, dv
