@@ -1,10 +1,12 @@
-"""Gated memory modules (Titans linear/MLP, GSA, gated FIFO) and hybrid models.
+"""Gated memory modules (Titans linear/MLP, GSA, gated FIFO) and their ops (`longctx.kernels.memory`).
 
 Bound: every comparison below is a relative RMSE, ||a - b||_2 / ||b||_2, at fp32, and must be
 below REL = 1e-4 (measured values are around 1e-7..2e-5). Compared: outputs and the gradients
 of the input and of *every* parameter (projections, gate weights and biases, initial memory,
 norms), for the fast chunk-parallel path against the naive token loop (`reference`), and
-for context-parallel runs (2 and 4 gloo ranks) against one rank.
+for context-parallel runs (2 and 4 gloo ranks) against one rank. The ops themselves
+(chunk vs naive with initial and final states, a sequence split in two, the affine maps) are
+compared in fp64 at 1e-9.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ try:
 except ImportError:  # pragma: no cover
     from tests.distributed_utils import run_distributed
 
-from longctx.config import ModelConfig
-from longctx.models.memory import MEMORY_MODULES, MemoryConfig, build_memory
-from longctx.models.memory.hybrid import build_hybrid_model, sliding_window_attention
+import math
+
+import torch.nn.functional as F
+
+from longctx.kernels.memory import (FIFOWeights, GSAChunks, TitansLinearChunks, chunk_fifo, chunk_gsa,
+                                    chunk_titans_linear, chunk_titans_mlp, naive_fifo, naive_gsa, naive_titans)
+from longctx.models.memory import MEMORY_MODULES, LocalStatePassing, MemoryConfig, build_memory
+from longctx.parallel import context_parallel_memory
 
 REL = 1e-4
 DIM, HEADS = 16, 2
@@ -204,6 +211,143 @@ def test_build_memory_contract_and_errors():
         MemoryConfig.from_any({"type": "gsa", "variant": "mxx"})
 
 
+# ----------------------------------------------------------------------------- the ops
+
+
+OP_C = 8  # chunk of the op tests (fifo: 4)
+
+
+def _op(case, seed=0, S=24):
+    """(naive, chunk, sequence tensors, seq dim, doc ids, a random initial state) of one op, fp64.
+    naive / chunk: fn(seq, doc, **kw) -> (y, final)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    B, H, D, dim, m = 2, 2, 4, 8, 3
+    doc = packed_docs(B, S, [[5, S], [S]])
+    if case.startswith("titans"):
+        seq = [F.normalize(r(B, H, S, D), dim=-1) for _ in range(3)]
+        seq += [0.05 * torch.sigmoid(r(B, H, S)), F.logsigmoid(r(B, H, S) - 3),  # theta, log(1 - alpha)
+                F.logsigmoid(r(B, H, S)) + math.log(0.5)]  # log eta
+        if case == "titans-linear":
+            W0 = 0.5 * r(H, D, D)
+            state = 0.3 * r(B, H, D, 2 * D)
+            naive = lambda seq, doc, **kw: naive_titans(*seq, (W0,), doc, chunk_size=OP_C, **kw)  # noqa: E731
+            chunk = lambda seq, doc, **kw: chunk_titans_linear(*seq, W0, doc, chunk_size=OP_C, **kw)  # noqa: E731
+        else:
+            init = (r(H, 2 * D, D) / D ** 0.5, r(H, D, 2 * D) / (2 * D) ** 0.5)
+            state = (0.3 * r(B, H, 2 * D, D), 0.3 * r(B, H, D, 2 * D), 0.1 * r(B, H, 2 * D, D), 0.1 * r(B, H, D, 2 * D))
+            naive = lambda seq, doc, **kw: naive_titans(*seq, init, doc, chunk_size=OP_C, **kw)  # noqa: E731
+            chunk = lambda seq, doc, **kw: chunk_titans_mlp(*seq, init, doc, chunk_size=OP_C, **kw)  # noqa: E731
+        return naive, chunk, seq, 2, doc, state
+    if case == "gsa":
+        seq = [r(B, H, S, D) for _ in range(3)] + [F.logsigmoid(r(B, H, S, m) + 2.0) / 4]
+        naive = lambda seq, doc, **kw: naive_gsa(*seq, doc, chunk_size=OP_C, **kw)  # noqa: E731
+        chunk = lambda seq, doc, **kw: chunk_gsa(*seq, doc, chunk_size=OP_C, **kw)  # noqa: E731
+        return naive, chunk, seq, 2, doc, r(B, H, 2 * D, m)
+    seq = [r(B, S, H, D), r(B, S, dim), r(B, S)]
+    s = dim ** -0.5
+    w = FIFOWeights(s * r(dim, dim), r(dim), s * r(H * D, dim), s * r(H * D, dim), r(m, H * D))
+    tags = torch.tensor([[float("nan"), 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    naive = lambda seq, doc, **kw: naive_fifo(*seq, w, doc, chunk_size=OP_C // 2, **kw)  # noqa: E731
+    chunk = lambda seq, doc, **kw: chunk_fifo(*seq, w, doc, chunk_size=OP_C // 2, **kw)  # noqa: E731
+    return naive, chunk, seq, 1, doc, (r(B, m, dim), tags)
+
+
+def _flat(y, state):
+    return [y] + ([state] if torch.is_tensor(state) else list(state))
+
+
+def _assert_same(a, b, tol=1e-9):
+    for i, (u, v) in enumerate(zip(a, b)):
+        if u.dtype == torch.float64 and torch.isnan(v).any():  # fifo's slot tags
+            assert torch.equal(torch.isnan(u), torch.isnan(v)) and torch.equal(u.nan_to_num(-1), v.nan_to_num(-1)), i
+        else:
+            assert rel(u, v) < tol, (i, rel(u, v))
+
+
+OP_CASES = ["titans-linear", "titans-mlp", "gsa", "fifo"]
+OP_RETRIEVE = [(c, "current") for c in OP_CASES] + [(c, "chunk_start") for c in OP_CASES[:3]]
+
+
+def _kw(case, retrieve):
+    return {} if case == "fifo" else {"retrieve": retrieve}
+
+
+@pytest.mark.parametrize("S", [24, 21])  # 21: the last chunk is partial (the final state is at token 20)
+@pytest.mark.parametrize("case,retrieve", OP_RETRIEVE)
+def test_op_chunk_matches_naive_with_initial_and_final_state(case, retrieve, S):
+    naive, chunk, seq, _, doc, state = _op(case, S=S)
+    kw = _kw(case, retrieve)
+    diff = [t for t in (seq + _flat(None, state)[1:]) if t.is_floating_point() and not torch.isnan(t).any()]
+    for t in diff:
+        t.requires_grad_()
+    outs = []
+    for fn in (chunk, naive):
+        y, final = fn(seq, doc, initial_state=state, output_final_state=True, **kw)
+        flat = _flat(y, final)
+        assert final is not None and fn(seq, doc, initial_state=state, **kw)[1] is None
+        loss = sum((f * torch.cos(torch.arange(f.numel(), dtype=f.dtype)).view(f.shape)).sum()
+                   for f in flat if f.requires_grad)
+        outs.append([f.detach() for f in flat] + list(torch.autograd.grad(loss, diff, allow_unused=True)))
+    assert all((a is None) == (b is None) for a, b in zip(*outs))
+    _assert_same(*[[t for t in o if t is not None] for o in outs])
+
+
+@pytest.mark.parametrize("case,retrieve", OP_RETRIEVE + [("gsa-any", "current")])
+def test_op_split_in_two_equals_whole(case, retrieve):
+    """The final state of the first part, as the initial state of the second, gives the whole
+    sequence's outputs and final state (a split on the chunk grid; GSA: any split)."""
+    split = 11 if case == "gsa-any" else 16
+    case = case.replace("-any", "")
+    naive, chunk, seq, dim, doc, state = _op(case)
+    kw = _kw(case, retrieve)
+    for fn in (chunk, naive):
+        y, final = fn(seq, doc, initial_state=state, output_final_state=True, **kw)
+        part = lambda sl: [t.narrow(dim, sl.start, sl.stop - sl.start) for t in seq]  # noqa: E731
+        y1, mid = fn(part(slice(0, split)), doc[:, :split], initial_state=state, output_final_state=True, **kw)
+        y2, fin2 = fn(part(slice(split, 24)), doc[:, split:], initial_state=mid, output_final_state=True, **kw)
+        _assert_same(_flat(torch.cat([y1, y2], dim=dim), fin2), _flat(y, final))
+
+
+@pytest.mark.parametrize("case", ["titans-linear", "gsa"])
+def test_op_affine_map_gives_the_final_state(case):
+    """`affine_map()` (from a zero state) maps any initial state to the slice's final state."""
+    _, _, seq, _, doc, state = _op(case, S=21)
+    if case == "gsa":
+        chunks = GSAChunks(*seq, doc, chunk_size=OP_C)
+    else:
+        chunks = TitansLinearChunks(*seq, 0.5 * torch.randn(2, 4, 4, dtype=torch.float64), doc, chunk_size=OP_C)
+    T, Bm = chunks.affine_map()
+    final = chunks.output(state, output_final_state=True)[1]
+    mapped = (state @ T if T.dim() == state.dim() else state * T[..., None, :]) + Bm
+    assert rel(mapped, final) < 1e-9
+
+
+def test_state_passing_is_handed_to_modules():
+    """The default is one rank; `context_parallel_memory` sets it on every memory module of a
+    container (with one rank: a no-op state passing); the chunk-alignment check asks it."""
+    mods = torch.nn.ModuleList([make("titans-mlp"), torch.nn.Linear(2, 2), make("gsa")])
+    assert mods[0].state_passing.world == 1 and isinstance(mods[0].state_passing, LocalStatePassing)
+    x = torch.randn(1, 12, DIM)
+    y = mods[0](x)
+    assert context_parallel_memory(mods) is mods
+    assert mods[0].state_passing is mods[2].state_passing and mods[0].state_passing.world == 1
+    assert torch.equal(mods[0](x), y)
+
+    class TwoRanks(LocalStatePassing):
+        world, rank = 2, 0
+
+    m = make("fifo")
+    m.state_passing = TwoRanks()
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        m(torch.randn(1, 6, DIM))
+    g = make("gsa")
+    g.state_passing = TwoRanks()
+    g(torch.randn(1, 6, DIM))  # GSA: any split ...
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        g(torch.randn(1, 6, DIM), retrieve="chunk_start")  # ... but chunk-start reads need the grid
+
+
 # ----------------------------------------------------------------------------- context parallelism
 
 
@@ -234,9 +378,9 @@ def _body_cp(rank, world, S, cases):
     sl = slice(rank * L, (rank + 1) * L)
     for case in cases:
         x, w, doc = _cp_inputs(S)
-        m = make(case)
+        m = context_parallel_memory(make(case), dist.group.WORLD)
         xl = x[:, sl].clone().requires_grad_()
-        y = m(xl, doc[:, sl], group=dist.group.WORLD)
+        y = m(xl, doc[:, sl])
         (y * w[:, sl]).sum().backward()
         results[case] = (y.detach(), xl.grad, {n: p.grad.clone() for n, p in m.named_parameters()})
     return results
@@ -266,143 +410,3 @@ def test_cp_four_ranks_equal_one_rank():
     _check_cp(4, 64)
 
 
-# ----------------------------------------------------------------------------- hybrid models
-
-
-def test_sliding_window_attention_matches_dense_mask():
-    torch.manual_seed(0)
-    B, S, H, Hkv, D = 2, 45, 4, 2, 8
-    q, k, v = torch.randn(B, S, H, D), torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
-    doc = packed_docs(B, S, [[10, 35], [S]])
-    pos = torch.stack([torch.cat([torch.arange(10), torch.arange(35)]), torch.arange(S)])
-    i = torch.arange(S)
-    for window in (1, 5, 16, 100):
-        out = sliding_window_attention(q, k, v, pos, doc, window, block=7)
-        mask = (doc[:, :, None] == doc[:, None, :]) & (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2), v.repeat_interleave(2, 2).transpose(1, 2),
-            attn_mask=mask[:, None]).transpose(1, 2)
-        assert (out - ref).abs().max() < 1e-5
-
-
-def _tiny_cfg(n_layers=3):
-    return ModelConfig(dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2)
-
-
-@pytest.mark.parametrize("mtype", MEMORY_MODULES)
-def test_hybrid_model_forward_backward_all_variants(mtype):
-    for variant in ("mac", "mag", "mal"):
-        torch.manual_seed(0)
-        model = build_hybrid_model(_tiny_cfg(), 40, {"type": mtype, "variant": variant, "layers": [1],
-                                                     "chunk_size": 8, "window": 6, "swa_layers": [0]})
-        assert model.layer_kinds() == ["swa", variant, "attn"]
-        ids = torch.randint(0, 40, (2, 27))
-        doc = packed_docs(2, 27, [[11, 16], [27]])
-        pos = torch.stack([torch.cat([torch.arange(11), torch.arange(16)]), torch.arange(27)])
-        logits = model(ids, pos, doc)
-        assert logits.shape == (2, 27, 40)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten())
-        loss.backward()
-        grads = [p.grad for p in model.parameters()]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        # memory layer gets gradient
-        mem = model.layers[1].memory
-        assert any(p.grad.abs().sum() > 0 for p in mem.parameters())
-
-
-def test_hybrid_plain_config_is_a_transformer():
-    model = build_hybrid_model(_tiny_cfg(2), 40, None)
-    assert model.layer_kinds() == ["attn", "attn"]
-    assert model.seq_multiple(2) == 4
-    hm = build_hybrid_model(_tiny_cfg(2), 40, {"type": "titans", "layers": [-1], "chunk_size": 16})
-    assert hm.seq_multiple(2) == 32 and hm.layer_kinds() == ["attn", "mal"]
-
-
-HYBRID_CP = [("titans", "mac", {"memory": "linear"}), ("gsa", "mag", {}), ("fifo", "mal", {"num_slots": 2}),
-             ("titans", "mal", {"memory": "mlp"})]
-
-
-def _hybrid_model(spec):
-    mtype, variant, opts = spec
-    torch.manual_seed(0)
-    return build_hybrid_model(_tiny_cfg(), 40, {"type": mtype, "variant": variant, "layers": [1], "chunk_size": 8,
-                                                "window": 12, "swa_layers": [0], "options": opts})
-
-
-def _hybrid_batch(S):
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 40, (2, S), generator=g)
-    doc = packed_docs(2, S, [[7, S // 2 - 7, S], [S]])
-    pos = torch.zeros_like(doc)
-    for b in range(2):
-        for t in range(1, S):
-            pos[b, t] = pos[b, t - 1] + 1 if doc[b, t] == doc[b, t - 1] else 0
-    labels = torch.where(torch.cat([doc[:, 1:] == doc[:, :-1], torch.zeros(2, 1, dtype=torch.bool)], 1),
-                         ids.roll(-1, 1), torch.full_like(ids, -100))
-    return ids, pos, doc, labels
-
-
-def _hybrid_loss(model, ids, pos, doc, labels, n_valid):
-    logits = model(ids, pos, doc)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                             reduction="sum") / n_valid
-
-
-def _body_hybrid_cp(rank, world, S):
-    import torch.distributed as dist
-
-    from longctx.parallel import build_strategy
-
-    strategy = build_strategy("ring", group=dist.group.WORLD, backend="torch")
-    out = []
-    for spec in HYBRID_CP:
-        model = _hybrid_model(spec)
-        model.set_attention(lambda q, k, v, d: strategy.attention(q, k, v, doc_ids=d, causal=True))
-        model.set_cp_group(dist.group.WORLD, strategy.layout)
-        if spec is HYBRID_CP[0]:
-            with pytest.raises(ValueError, match="contiguous CP layout"):
-                model.set_cp_group(dist.group.WORLD, build_strategy("zigzag", group=dist.group.WORLD).layout)
-        ids, pos, doc, labels = (strategy.shard(t, dim=1).contiguous() for t in _hybrid_batch(S))
-        n_valid = (_hybrid_batch(S)[3] != -100).sum()
-        loss = _hybrid_loss(model, ids, pos, doc, labels, n_valid)
-        loss.backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        out.append((total, {n: p.grad.clone() for n, p in model.named_parameters()}))
-    return out
-
-
-@pytest.mark.distributed
-def test_hybrid_model_cp2_equals_cp1():
-    """Full attention through the ring strategy, sliding-window halos, and memory state
-    passing together: loss and every gradient with cp=2 equal cp=1."""
-    S = 32
-    outs = run_distributed(_body_hybrid_cp, 2, S, timeout=240)
-    for i, spec in enumerate(HYBRID_CP):
-        model = _hybrid_model(spec)
-        ids, pos, doc, labels = _hybrid_batch(S)
-        loss = _hybrid_loss(model, ids, pos, doc, labels, (labels != -100).sum())
-        loss.backward()
-        assert abs(outs[0][i][0].item() - loss.item()) < 1e-5 * max(1.0, abs(loss.item())), spec
-        for n, p in model.named_parameters():
-            g = sum(o[i][1][n] for o in outs)
-            assert rel(g, p.grad) < REL, (spec, n, rel(g, p.grad))
-
-
-@pytest.mark.parametrize("mtype", MEMORY_MODULES)
-def test_hybrid_model_bf16_autocast_and_bf16_weights(mtype):
-    # under autocast the memory receives bf16 activations with fp32 weights; a bf16 model has
-    # bf16 weights: the recurrences run in fp32 either way
-    cfg = _tiny_cfg()
-    spec = {"type": mtype, "variant": "mal", "layers": [1], "chunk_size": 8, "window": 6}
-    ids = torch.randint(0, 40, (1, 24))
-    pos = torch.arange(24)[None]
-    model = build_hybrid_model(cfg, 40, spec)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(ids, pos, None)
-    out.float().sum().backward()
-    model16 = build_hybrid_model(cfg, 40, spec).to(torch.bfloat16)
-    out16 = model16(ids, pos, None)
-    out16.float().sum().backward()
-    assert out.dtype == out16.dtype == torch.bfloat16
-    assert torch.isfinite(out.float()).all() and torch.isfinite(out16.float()).all()

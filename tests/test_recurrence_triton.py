@@ -1,4 +1,4 @@
-"""The Triton chunk-scan kernel (`longctx.kernels.recurrence`) under the Triton interpreter
+"""The Triton chunk-scan kernel (`longctx.kernels.memory`) under the Triton interpreter
 (TRITON_INTERPRET=1, CPU), against the naive loops, forward and backward; and the memory
 modules run on it end to end against their token-by-token references.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longctx.kernels.recurrence import affine_scan, naive_recurrence, scan_torch, select_backend
+from longctx.kernels.memory import affine_scan, naive_recurrence, scan_torch, select_backend
 
 REL = 1e-4
 
@@ -24,7 +24,7 @@ def rel(a, b):
 @pytest.fixture
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from longctx.kernels.recurrence import triton_scan
+    from longctx.kernels.memory import triton_scan
 
     assert triton_scan.interpreting()
     yield
@@ -98,7 +98,7 @@ def test_memory_modules_on_triton_scan_match_reference(interpret, case):
 
 
 def test_oversized_state_falls_back_or_raises(interpret):
-    from longctx.kernels.recurrence import triton_scan
+    from longctx.kernels.memory import triton_scan
 
     assert triton_scan.fits(64, 128, True)[0] and not triton_scan.fits(64, 256, True)[0]
     x0, b, t = _inputs(1, 2, 4, 160, True)

@@ -148,3 +148,62 @@ def all_gather_cat(
         counter.sent += moved
         counter.recv += moved
     return torch.cat(parts, dim=dim)
+
+
+# ---------------------------------------------------------------------------- differentiable / p2p helpers
+
+
+class _AllGatherStack(torch.autograd.Function):
+    """Differentiable all-gather of equal-shaped tensors: forward stacks them, backward
+    all-reduces the gradient of the stack and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group, size, rank):
+        x = x.contiguous()
+        out = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(out, x, group=group)
+        ctx.group, ctx.rank = group, rank
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g[ctx.rank], None, None, None
+
+
+def all_gather_stack(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's `x` stacked in group-rank order (``[size, *x.shape]``), differentiable.
+
+    `group` as in `resolve_group` (None = WORLD). Every rank must call it, and every rank's
+    result must reach its loss (`tie` it where a rank does not need it): its backward is an
+    all-reduce. `x` must live on the compute device (NCCL rejects CPU tensors)."""
+    group, size, rank = resolve_group(group)
+    if size == 1:
+        return x.unsqueeze(0)
+    return _AllGatherStack.apply(x, group, size, rank)
+
+
+def tie(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`y` plus an exact zero that depends on `t`, so that `t`'s backward (a collective) runs
+    on this rank even when `t` is not otherwise used here."""
+    return y + (t.sum() * 0).to(y.dtype)
+
+
+def send_tensors(tensors, group, dst: int) -> None:
+    """Blocking send of `tensors` (made contiguous, detached) to group rank `dst`, in order."""
+    gdst = dist.get_global_rank(group, dst)
+    for t in tensors:
+        dist.send(t.detach().contiguous(), dst=gdst, group=group)
+
+
+def recv_tensors(specs, group, src: int, device) -> list[torch.Tensor]:
+    """Blocking receive from group rank `src` of tensors ``(shape, dtype)`` in `specs`, in
+    order, into new buffers on `device` (the compute device)."""
+    gsrc = dist.get_global_rank(group, src)
+    out = []
+    for shape, dtype in specs:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(t, src=gsrc, group=group)
+        out.append(t)
+    return out

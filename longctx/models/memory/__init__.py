@@ -4,13 +4,18 @@ Contract (ARCHITECTURE.md, "Gated memory"):
 
     MEMORY_MODULES                       # ("titans", "gsa", "fifo")
     m = build_memory(name, dim, num_heads, chunk_size=..., **options)
-    y = m(x, doc_ids=None, group=None)   # x [B, S, dim] -> [B, S, dim], chunk-parallel fast path
+    y = m(x, doc_ids=None)               # x [B, S, dim] -> [B, S, dim], chunk-parallel fast path
     y = m.reference(x, doc_ids=None)     # naive sequential loop, same semantics
 
-- `group`: CP process group (None = one rank); ranks hold contiguous slices in rank
-  order and the module passes its recurrent state so the result equals the single-rank
-  one. Titans and FIFO chunks are a global grid: every rank but the last must hold a
-  multiple of `chunk_size` tokens (GSA: any split).
+    context_parallel_memory(m, group)    # (parallel package) hand m, or every memory module
+                                         # in a model, its state passing over the CP group
+
+- The modules hold the projections, gates and parameters; the recurrences are the ops of
+  ``longctx.kernels.memory`` (``naive`` / ``chunk`` per module). A module passes its state
+  through ``m.state_passing`` (default: one rank, `LocalStatePassing`); under context
+  parallelism ranks hold contiguous slices in rank order and the result equals the
+  single-rank one. Titans and FIFO chunks are a global grid: every rank but the last must
+  hold a multiple of `chunk_size` tokens (``m.needs_chunk_aligned_cp``; GSA: any split).
 - Memory state resets at document boundaries (`doc_ids`).
 - Both paths also take ``retrieve="chunk_start"`` (read the memory as it was at the start of
   the token's chunk; what MAC prepends to a segment).
@@ -23,17 +28,18 @@ Options per module:
 - gsa: num_slots, gate_temperature, head_dim, backend, block_chunks
 - fifo: num_slots, head_dim, backend, gate_bias
 
-Hybrid models (MAC / MAG / MAL, memory + attention): ``longctx.models.memory.hybrid``.
+Memory blocks of the Transformer (MAC / MAG / MAL, memory + attention): ``longctx.models.memory.blocks``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-from .common import MemoryModule
+from longctx.config import MemorySectionConfig
+
+from .common import LocalStatePassing, MemoryModule
 from .fifo import GatedFIFOMemory
 from .gsa import GatedSlotAttention
 from .titans import TitansMemory
@@ -66,50 +72,39 @@ def build_memory(name: str, dim: int, num_heads: int, chunk_size: Optional[int] 
     return _REGISTRY[name](dim, num_heads, chunk_size, **options)
 
 
-@dataclass
-class MemoryConfig:
-    """What `model.memory` in the YAML holds (see `hybrid.build_hybrid_model`).
+def validate_memory_config(m) -> None:
+    """Value checks of `model.memory` (a MemorySectionConfig); ValueError names the key."""
+    if m.type not in ("none",) + MEMORY_MODULES:
+        raise ValueError(f"model.memory.type={m.type!r}: expected one of none, {', '.join(MEMORY_MODULES)}")
+    if m.variant not in VARIANTS:
+        raise ValueError(f"model.memory.variant={m.variant!r}: expected one of {', '.join(VARIANTS)}")
+    for key in ("chunk_size", "window", "heads", "persistent_tokens"):
+        if getattr(m, key) < 0:
+            raise ValueError(f"model.memory.{key} must be >= 0")
+    if m.swa_layers and m.window <= 0:
+        raise ValueError("model.memory.swa_layers needs model.memory.window > 0 (the sliding window, in tokens)")
+    if m.type != "none":
+        unknown = sorted(set(m.options) - set(_OPTIONS[m.type]))
+        if unknown:
+            raise ValueError(f"model.memory.options: unknown {unknown} for {m.type!r}; "
+                             f"accepted: {list(_OPTIONS[m.type])}")
 
-    type: "none" (plain transformer) or a MEMORY_MODULES name.
-    variant: how memory layers use it: "mac" (memory as context), "mag" (memory as gate),
-      "mal" (memory as a layer).
-    layers: indices of the memory layers (negative = from the end); None = every layer.
-    chunk_size: the memory's chunk (also MAC's segment length); 0 = the module's default.
-    window: sliding-window size of the attention inside MAG/MAL blocks; 0 = full attention
-      (through the model's attention function, i.e. the CP strategy).
-    swa_layers: indices of plain (non-memory) layers that use sliding-window attention of
-      `window` tokens instead of full attention (e.g. a sliding-window-only baseline).
-    heads: memory heads; 0 = model.n_heads.
-    persistent_tokens: MAC's learned persistent tokens per segment.
-    options: module options passed to build_memory (e.g. {memory: mlp}, {num_slots: 32}).
-    """
 
-    type: str = "none"
-    variant: str = "mal"
-    layers: Optional[list[int]] = None
-    chunk_size: int = 0
-    window: int = 0
-    swa_layers: list[int] = field(default_factory=list)
-    heads: int = 0
-    persistent_tokens: int = 4
-    options: dict[str, Any] = field(default_factory=dict)
+class MemoryConfig(MemorySectionConfig):
+    """`model.memory` (the schema's `MemorySectionConfig`, fields documented there), built
+    from a dict and checked: for code that builds memory models without a full Config."""
 
     @classmethod
     def from_any(cls, obj) -> "MemoryConfig":
-        """From a MemoryConfig, a dict / omegaconf node, any dataclass with these fields, or None."""
+        """From a dict / omegaconf node, any dataclass with these fields, or None."""
         if obj is None:
             return cls()
-        if isinstance(obj, cls):
-            return obj
         if dataclasses.is_dataclass(obj):
             obj = dataclasses.asdict(obj)
         elif not isinstance(obj, dict):
-            try:
-                from omegaconf import OmegaConf
+            from omegaconf import OmegaConf
 
-                obj = OmegaConf.to_container(obj, resolve=True)
-            except Exception:
-                obj = dict(obj)
+            obj = OmegaConf.to_container(obj, resolve=True)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(obj) - names)
         if unknown:
@@ -119,32 +114,8 @@ class MemoryConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.type not in ("none",) + MEMORY_MODULES:
-            raise ValueError(f"model.memory.type={self.type!r}: expected one of none, {', '.join(MEMORY_MODULES)}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"model.memory.variant={self.variant!r}: expected one of {', '.join(VARIANTS)}")
-        for key in ("chunk_size", "window", "heads", "persistent_tokens"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"model.memory.{key} must be >= 0")
-        if self.swa_layers and self.window <= 0:
-            raise ValueError("model.memory.swa_layers needs model.memory.window > 0")
-        if self.type != "none":
-            unknown = sorted(set(self.options) - set(_OPTIONS[self.type]))
-            if unknown:
-                raise ValueError(f"model.memory.options: unknown {unknown} for {self.type!r}; "
-                                 f"accepted: {list(_OPTIONS[self.type])}")
-
-    def effective_chunk(self) -> int:
-        return self.chunk_size or DEFAULT_CHUNK.get(self.type, 64)
+        validate_memory_config(self)
 
 
-def __getattr__(name):  # lazy: hybrid imports llama, which is heavier
-    if name in ("build_hybrid_model", "HybridTransformer"):
-        from . import hybrid
-
-        return getattr(hybrid, name)
-    raise AttributeError(name)
-
-
-__all__ = ["MEMORY_MODULES", "VARIANTS", "build_memory", "MemoryModule", "MemoryConfig", "TitansMemory",
-           "GatedSlotAttention", "GatedFIFOMemory", "build_hybrid_model", "HybridTransformer"]
+__all__ = ["MEMORY_MODULES", "VARIANTS", "build_memory", "MemoryModule", "LocalStatePassing", "MemoryConfig",
+           "TitansMemory", "GatedSlotAttention", "GatedFIFOMemory", "validate_memory_config"]

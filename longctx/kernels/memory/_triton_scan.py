@@ -1,6 +1,6 @@
-"""Triton kernels for the chunk-level affine recurrence (see ``recurrence/__init__.py``).
+"""Triton kernels for the chunk-level affine recurrence (see ``memory/scan.py``).
 
-Loaded by ``recurrence.triton_scan._kernel_module()`` under one of two module names,
+Loaded by ``memory.triton_scan._kernel_module()`` under one of two module names,
 once with ``TRITON_INTERPRET=1`` (interpreted) and once without (compiled):
 ``triton.jit`` reads the interpreter switch when it decorates.
 
@@ -31,9 +31,8 @@ def _add(a, b):
 
 
 @triton.jit
-def _scan_fwd(X0, B, T, Starts, Final, n_chunks, R, N,
-              DENSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    g = tl.program_id(0).to(tl.int64)
+def _tiles(R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    # offsets and masks of the state tile X [R, N] (rn) and of a transition tile T [N, N] (kn)
     rr = tl.arange(0, BLOCK_R)
     cc = tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_N)
@@ -41,6 +40,14 @@ def _scan_fwd(X0, B, T, Starts, Final, n_chunks, R, N,
     m_rn = (rr[:, None] < R) & (cc[None, :] < N)
     kn = kk[:, None] * N + cc[None, :]
     m_kn = (kk[:, None] < N) & (cc[None, :] < N)
+    return cc, kk, rn, m_rn, kn, m_kn
+
+
+@triton.jit
+def _scan_fwd(X0, B, T, Starts, Final, n_chunks, R, N,
+              DENSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    cc, kk, rn, m_rn, kn, m_kn = _tiles(R, N, BLOCK_R, BLOCK_N)
     RN = R * N
     x = tl.load(X0 + g * RN + rn, mask=m_rn, other=0.0)
     for c in range(n_chunks):
@@ -61,13 +68,7 @@ def _scan_bwd(T, Starts, DStarts, DFinal, DX0, DB, DT, n_chunks, R, N,
               DENSE: tl.constexpr, HAS_DSTARTS: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R)
-    cc = tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_N)
-    rn = rr[:, None] * N + cc[None, :]
-    m_rn = (rr[:, None] < R) & (cc[None, :] < N)
-    kn = kk[:, None] * N + cc[None, :]
-    m_kn = (kk[:, None] < N) & (cc[None, :] < N)
+    cc, kk, rn, m_rn, kn, m_kn = _tiles(R, N, BLOCK_R, BLOCK_N)
     # T^T laid out as [k, n] -> element (n, k) of T: address n * N + k
     tn = cc[None, :] * N + kk[:, None]
     RN = R * N

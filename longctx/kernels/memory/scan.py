@@ -2,8 +2,8 @@
 
 Both memories are linear recurrences over a matrix state. Cut the sequence into
 chunks of C tokens; everything *inside* a chunk is a handful of batched matmuls
-(done in ``longctx.models.memory``), and what is left is one recurrence over the
-chunk states, affine in the state:
+(done in the memory ops, ``longctx.kernels.memory.<name>.chunk``), and what is
+left is one recurrence over the chunk states, affine in the state:
 
     X_c = X_{c-1} @ T_c + B_c            X: [R, N] per (batch, head), c = 1..n
 
@@ -18,7 +18,8 @@ chunk states, affine in the state:
 
 ``affine_scan`` returns every chunk-start state (``starts[:, c] = X_{c-1}``, from
 which the chunk's outputs are batched matmuls) and the final state. The same
-map composes across context-parallel ranks (state passing).
+map composes across context-parallel ranks (the affine fold of
+``longctx.parallel.memory_state``).
 
 Backends: ``"torch"`` (a loop over chunks; autograd), ``"triton"`` (one program per
 (batch, head) keeps the state in registers and walks the chunks, forward and

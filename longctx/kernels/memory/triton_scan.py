@@ -13,7 +13,7 @@ _KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_triton
 
 def _kernel_module():
     """The kernels, compiled or interpreted per the current switch (one module object each)."""
-    return load_kernel_module("longctx.kernels.recurrence._triton_scan", _KERNEL_FILE)
+    return load_kernel_module("longctx.kernels.memory._triton_scan", _KERNEL_FILE)
 
 
 def supports(x: torch.Tensor) -> tuple[bool, str]:
