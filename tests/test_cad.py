@@ -1,11 +1,8 @@
 """Core attention disaggregation (`cad`): planner properties, exactness, traffic, model step.
 
 Distributed checks run in gloo processes on CPU, one spawn per world size (2 and 4)
-with many cases each. Exactness is checked against a naive dense fp64 softmax
-written here (independent of longctx.kernels):
-
-- fp64 inputs: atol = rtol = 1e-10
-- fp32 inputs: atol = rtol = 1e-5 (reference still computed in fp64)
+with many cases each. Exactness (against the dense fp64 reference, tolerances of
+cp_cases.TOL), traffic and FLOPs are checked by cp_cases.py.
 
 Scope "cp": every rank holds a contiguous shard of the same rows. Scope "dp":
 every rank holds different whole rows; each rank's outputs and gradients are
@@ -19,17 +16,13 @@ import random
 
 import pytest
 import torch
-
-try:
-    from distributed_utils import run_distributed
-except ImportError:  # tests imported as a package
-    from tests.distributed_utils import run_distributed
-from attention_reference import doc_ids_from_lengths, reference_attention  # noqa: E402
+from attention_reference import doc_ids_from_lengths
+from cp_cases import check_cad, random_qkv, run_and_compare
+from distributed_utils import run_distributed
 
 from longctx.parallel import build_strategy
 from longctx.parallel.cad import CostModel, docs_from_lengths, docs_from_runs, local_runs, pairs_in, plan
 
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 COST = CostModel.for_shapes(32, 8, 128, 2)
 
 
@@ -84,58 +77,19 @@ def _rows_for(scope, rank, seq_len, use_docs):
     return doc
 
 
-def check_cad_case(strat, case, seq_len, seed=0, B=2, D=8):
+def check_cad_case(strat, case, seq_len, seed=0, B=2, D=8, window=None):
     """One case on `strat`'s group: out, dq, dk, dv against the dense reference; traffic; FLOPs."""
     name, H, H_kv, causal, use_docs, dtype, _, extra = case
-    scale = extra.get("softmax_scale")
-    N, r, scope = strat.cp_size, strat.cp_rank, strat.scope
+    r, scope = strat.cp_rank, strat.scope
     # scope cp: same full rows on every rank; scope dp: different rows per row group
     row = 0 if scope == "cp" else r // strat.row_size
-    g = torch.Generator().manual_seed(seed if scope == "cp" else seed + 1000 * (row + 1))
-    q = torch.randn(B, seq_len, H, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, seq_len, H_kv, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, seq_len, H_kv, D, generator=g, dtype=torch.float64)
-    dout = torch.randn(B, seq_len, H, D, generator=g, dtype=torch.float64)
+    q, k, v, dout = random_qkv(H, H_kv, seq_len, seed if scope == "cp" else seed + 1000 * (row + 1), B, D)
     doc = _rows_for(scope, row, seq_len, use_docs)
-
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    out_ref, mask = reference_attention(qr, kr, vr, doc, causal, scale)
-    out_ref.backward(dout)
-
-    ql, kl, vl = (strat.shard(t).to(dtype).requires_grad_() for t in (q, k, v))
-    docl = strat.shard(doc) if doc is not None else None
-    out = strat.attention(ql, kl, vl, doc_ids=docl, causal=causal, softmax_scale=scale)
-    out.backward(strat.shard(dout).to(dtype))
-    stats = strat.last_stats
+    run = run_and_compare(strat, f"{name}, scope {scope}, row_size {strat.row_size}", q, k, v, dout, doc, dtype,
+                          causal=causal, scale=extra.get("softmax_scale"), window=window)
+    check_cad(run, seq_len)
     p = strat._cache.plan
-
-    tol = TOL[dtype]
-    where = f"case {name}, scope {scope}, N={N}, row_size {strat.row_size}, rank {r}"
-
-    def close(got, ref, what):
-        torch.testing.assert_close(got.double(), ref, **tol, msg=lambda details: f"{where}: {what}\n{details}")
-
-    assert out.dtype == dtype and ql.grad.dtype == dtype and kl.grad.dtype == dtype
-    close(out, strat.shard(out_ref.detach()), "out")
-    close(strat.unshard(out.detach()), out_ref.detach(), "unshard(out)")
-    for what, got, ref in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
-        close(got, strat.shard(ref), what)
-
-    # Traffic: exactly what the plan says (Q/Out/dOut/dQ and K,V/dK,dV of moved work).
-    sent, recv = p.traffic()
-    assert stats["bytes_sent"] == sent[r] and stats["bytes_recv"] == recv[r], \
-        f"{where}: bytes {stats}, planned sent {sent} recv {recv}"
-    assert stats["bytes_sent"] == stats["fwd_bytes_sent"] + stats["bwd_bytes_sent"]
-    # FLOPs: this server's planned pairs; over the group, all visible pairs.
-    assert stats["attn_flops_fwd"] == 4 * H * D * p.loads_after[r], f"{where}: flops {stats}"
-    assert stats["attn_flops_bwd"] == 2.5 * stats["attn_flops_fwd"]
-    assert stats["attn_flops"] == 3.5 * stats["attn_flops_fwd"]
-    rows = strat.token_index(seq_len)
-    my_pairs = int(mask[:, rows].sum())
-    for key in ("imbalance_before", "imbalance_after", "planner_ms", "exposed_comm_ms", "fwd_exposed_comm_ms",
-                "bwd_exposed_comm_ms", "plan_cached", "bytes_recv"):
-        assert key in stats, f"{where}: missing {key}"
-    assert stats["imbalance_after"] <= stats["imbalance_before"] + 1e-12
+    my_pairs = int(run.mask[:, strat.token_index(seq_len)].sum())
     return {"pairs_owned": my_pairs, "pairs_computed": p.loads_after[r], "moves": p.moves,
             "total_pairs": sum(p.loads_after), "imb": (p.imbalance_before, p.imbalance_after),
             "tol": strat.tolerance}
@@ -160,6 +114,10 @@ def _body(rank, world, seq_len):
             dist.all_reduce(t)
             assert int(t[0]) == int(t[1]) == res["total_pairs"], f"{scope} {case[0]}: pairs not conserved {t}"
             report[(scope, case[0])] = res
+        if world == 2:  # a sliding window: balanced by windowed pair counts, exact
+            strat = build_strategy("cad", backend="torch", scope=scope, min_shard_tokens=1, tolerance=0.0)
+            res = check_cad_case(strat, CASES[4], seq_len, window=5)
+            assert res["imb"][1] <= res["imb"][0] and (res["moves"] > 0 or res["imb"][0] < 1.1), res
     if world == 4:
         # scope dp on a dp 2 x cp 2 mesh: ranks {0, 1} share one row, {2, 3} another
         for case in (CASES[0], CASES[1], CASES[4], CASES[7]):
@@ -260,7 +218,7 @@ def _model_step(rank, world):
     # scope cp: row 0 sharded over all ranks; local loss = local token losses / all tokens
     m = build()
     strat = build_strategy("cad", backend="torch", scope="cp", min_shard_tokens=1)
-    m.set_attention(lambda q, k, v, d: strat.attention(q, k, v, doc_ids=d, causal=True))
+    m.set_attention(lambda q, k, v, d, w=None: strat.attention(q, k, v, doc_ids=d, causal=True, window=w))
     sh = lambda t: strat.shard(t, dim=1)  # noqa: E731
     logits = m(sh(ids_all[0]), sh(pos_all[0]), sh(docs_all[0]))
     loss = F.cross_entropy(logits.flatten(0, 1), sh(labels_all[0]).flatten(), reduction="sum") / S
@@ -278,7 +236,7 @@ def _model_step(rank, world):
     # scope dp: rank r trains on its own row r; attention tasks move between ranks
     m = build()
     strat = build_strategy("cad", backend="torch", scope="dp", min_shard_tokens=1, tolerance=0.0)
-    m.set_attention(lambda q, k, v, d: strat.attention(q, k, v, doc_ids=d, causal=True))
+    m.set_attention(lambda q, k, v, d, w=None: strat.attention(q, k, v, doc_ids=d, causal=True, window=w))
     logits = m(ids_all[rank], pos_all[rank], docs_all[rank])
     loss = F.cross_entropy(logits.flatten(0, 1), labels_all[rank].flatten())
     loss.backward()

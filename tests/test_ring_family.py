@@ -1,18 +1,13 @@
 """The ring family beyond `ring`: zigzag, striped and burst (BurstAttention).
 
 Distributed checks run in gloo processes on CPU, one spawn per world size
-(2 and 4) with every case inside. Exactness is checked against a naive dense
-fp64 softmax written here (independent of longctx.kernels), comparing each
-rank's local out/dq/dk/dv with the rows of the full reference that the
-strategy's `token_index` names. Tolerances:
-
-- fp64 inputs: atol = rtol = 1e-10
-- fp32 inputs: atol = rtol = 1e-5 (reference still computed in fp64)
-
-Communication is asserted to the byte from `last_stats` against the
-formulas in ring.py / burst.py, attention FLOPs against the visible pairs of
-the dense mask, and at cp=4 the causal FLOP imbalance (max/mean over the
-group) and burst's backward bytes against ring's.
+(2 and 4) with every case inside. Cases and checks are in cp_cases.py:
+each rank's local out/dq/dk/dv against the rows of the dense fp64
+reference that the strategy's `token_index` names, communication to the
+byte from `last_stats` against the formulas in ring.py / burst.py, attention
+FLOPs against the visible pairs of the dense mask. At cp=4 also the causal
+FLOP imbalance (max/mean over the group) and burst's backward bytes against
+ring's.
 """
 
 from __future__ import annotations
@@ -22,44 +17,12 @@ import threading
 
 import pytest
 import torch
-
-try:
-    from distributed_utils import run_distributed
-except ImportError:  # tests imported as a package
-    from tests.distributed_utils import run_distributed
-from attention_reference import doc_ids_from_lengths, reference_attention  # noqa: E402
+from cp_cases import FAMILY_CASES as CASES
+from cp_cases import check_case
+from distributed_utils import run_distributed
 
 from longctx.parallel import build_strategy
 from longctx.parallel import burst as burst_mod
-
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
-
-
-# ---------------------------------------------------------------------------
-# reference and cases
-# ---------------------------------------------------------------------------
-
-
-# Document lengths that do not line up with shard or zigzag-chunk boundaries
-# (chunks of 6 tokens for S=24 / cp=2, of 4 tokens for S=32 / cp=4).
-DOCS = {
-    16: [[5, 7, 4], [3, 13]],
-    24: [[5, 7, 9, 3], [13, 11]],
-    32: [[5, 7, 9, 3, 8], [13, 11, 1, 7]],
-}
-
-# name, H, H_kv, causal, docs, dtype, extra options
-CASES = [
-    ("causal", 4, 4, True, False, torch.float64, {}),
-    ("noncausal_scale", 4, 4, False, False, torch.float64, {"softmax_scale": 0.3}),
-    ("causal_docs", 4, 4, True, True, torch.float64, {}),
-    ("noncausal_docs", 4, 4, False, True, torch.float64, {}),
-    ("gqa2_causal_docs_noncontig", 4, 2, True, True, torch.float64, {"noncontig": True}),
-    ("mqa_causal", 4, 1, True, False, torch.float64, {}),
-    ("mqa_noncausal_docs", 4, 1, False, True, torch.float64, {}),
-    ("fp32_gqa2_causal_docs", 4, 2, True, True, torch.float32, {}),
-    ("fp32_causal_docs", 4, 4, True, True, torch.float32, {}),
-]
 
 # (label, strategy name, options, case names to run; None = all)
 VARIANTS = [
@@ -76,106 +39,6 @@ VARIANTS4 = VARIANTS + [
     ("burst_node2_kv", "burst", {"node_size": 2, "backward": "kv"}, ["causal_docs", "fp32_causal_docs"]),
     ("burst_node1", "burst", {"node_size": 1}, ["causal_docs", "mqa_causal", "fp32_causal_docs"]),
 ]
-
-
-def _noncontiguous(t):
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _nbytes(t):
-    return 0 if t is None else t.numel() * t.element_size()
-
-
-def expected_bytes(strat, ql, kl, docl):
-    """(fwd, bwd, inter-node part of fwd+bwd or None, bwd_mode or None) per rank, by formula."""
-    N = strat.cp_size
-    e = kl.element_size()
-    a = 8 if kl.dtype == torch.float64 else 4
-    B, S, H, D = ql.shape
-    H_kv = kl.shape[2]
-    doc = _nbytes(docl)
-    kv = 2 * B * S * H_kv * D * e
-    fwd = (N - 1) * (kv + doc)
-    if strat.name in ("zigzag", "striped"):
-        # The ring's: K/V N-1 hops, dK/dV fp32 accumulators N hops.
-        bwd = (N - 1) * (kv + doc) + (N * 2 * B * S * H_kv * D * a if N > 1 else 0)
-        return fwd, bwd, None, None
-    assert strat.name == "burst"
-    q_step = 2 * B * S * H * D * e + 2 * B * H * S * a + doc + B * S * H * D * a  # Q, dO, LSE+delta, doc, dQ
-    kv_step = kv + doc + 2 * B * S * H_kv * D * a  # K, V, doc, dK+dV
-    mode = strat.backward_mode
-    if mode == "auto":
-        mode = "q" if q_step <= kv_step else "kv"
-    step = q_step if mode == "q" else kv_step
-    bwd = (N - 1) * step
-    n = strat.schedule.num_nodes
-    inter = (n - 1) * (kv + doc) + (n - 1) * step
-    return fwd, bwd, inter, mode
-
-
-def check_case(strat, case, seq_len, seed=0, B=2, D=8):
-    name, H, H_kv, causal, use_docs, dtype, extra = case
-    scale = extra.get("softmax_scale")
-    N, r = strat.cp_size, strat.cp_rank
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, seq_len, H, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, seq_len, H_kv, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, seq_len, H_kv, D, generator=g, dtype=torch.float64)
-    dout = torch.randn(B, seq_len, H, D, generator=g, dtype=torch.float64)
-    doc = doc_ids_from_lengths(DOCS[seq_len]) if use_docs else None
-
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    out_ref, mask = reference_attention(qr, kr, vr, doc, causal, scale)
-    out_ref.backward(dout)
-
-    rows = strat.token_index(seq_len)
-    ql, kl, vl = (strat.shard(t).to(dtype) for t in (q, k, v))
-    if extra.get("noncontig"):
-        kl, vl = _noncontiguous(kl), _noncontiguous(vl)
-        assert not kl.is_contiguous()
-    ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
-    docl = strat.shard(doc) if doc is not None else None
-    out = strat.attention(ql, kl, vl, doc_ids=docl, causal=causal, softmax_scale=scale)
-    fwd_stats = dict(strat.last_stats)
-    out.backward(strat.shard(dout).to(dtype))
-    stats = strat.last_stats
-
-    tol = TOL[dtype]
-    where = f"{strat!r} case {name}"
-
-    def close(got, ref, what):
-        torch.testing.assert_close(got.double(), ref, **tol, msg=lambda d: f"{where}: {what}\n{d}")
-
-    assert out.dtype == dtype and ql.grad.dtype == dtype and kl.grad.dtype == dtype
-    # Local slices against the reference rows named by token_index.
-    close(out, out_ref.detach()[:, rows], "out")
-    close(strat.unshard(out.detach()), out_ref.detach(), "unshard(out)")
-    for what, got, ref in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
-        close(got, ref[:, rows], what)
-
-    fwd, bwd, inter, mode = expected_bytes(strat, ql, kl, docl)
-    assert fwd_stats["fwd_bytes_sent"] == fwd_stats["bytes_sent"] == fwd, f"{where}: fwd bytes {fwd_stats}"
-    assert stats["fwd_bytes_sent"] == stats["fwd_bytes_recv"] == fwd, f"{where}: fwd bytes {stats}"
-    assert stats["bwd_bytes_sent"] == stats["bwd_bytes_recv"] == bwd, f"{where}: bwd bytes {stats}"
-    assert stats["bytes_sent"] == stats["bytes_recv"] == fwd + bwd, f"{where}: bytes {stats}"
-    if strat.name == "burst":
-        assert stats["bwd_mode"] == mode, f"{where}: {stats}"
-        assert stats["inter_node_bytes_sent"] == inter, f"{where}: inter-node bytes {stats}"
-        assert stats["intra_node_bytes_sent"] + inter == fwd + bwd, f"{where}: {stats}"
-        assert stats["bwd_bytes_" + mode + "_mode"] == bwd
-        assert stats["fused_merge"] == strat.fused_merge
-        sched = strat.schedule
-        assert (stats["inner_steps"], stats["outer_steps"]) == (sched.node_size, sched.num_nodes)
-        assert stats["inner_steps"] * stats["outer_steps"] == N
-
-    pairs = int(mask[:, rows].sum())
-    assert stats["visible_pairs"] == pairs, f"{where}: {stats}"
-    assert stats["attn_flops_fwd"] == 4 * B * H * D * pairs, f"{where}: flops {stats}"
-    assert stats["attn_flops_bwd"] == 2.5 * stats["attn_flops_fwd"], f"{where}: flops {stats}"
-    assert stats["attn_flops"] == 3.5 * stats["attn_flops_fwd"], f"{where}: flops {stats}"
-    # No zigzag/striped block is ever entirely in the causal future.
-    assert stats["steps"] == N and stats["blocks_computed"] == N, f"{where}: {stats}"
-    return stats
 
 
 def check_layouts(world, rank, seq_len):

@@ -1,165 +1,25 @@
 """Ulysses and Ulysses x ring (hybrid) context parallelism.
 
 Distributed checks run in gloo processes on CPU, one spawn per world size (2
-and 4), many cases per spawn. Exactness is checked against a naive dense fp64
-softmax written here (independent of longctx.kernels), on each rank's local
-slices (selected with the strategy's token_index):
-
-- fp64 inputs: atol = rtol = 1e-10
-- fp32 inputs: atol = rtol = 1e-5 (reference still computed in fp64)
-
-Bytes are asserted exactly against the formulas in ulysses.py / hybrid.py;
-attention FLOPs against the visible pairs of the dense mask.
+and 4), many cases per spawn. Cases and checks are in cp_cases.py: exactness
+against the dense fp64 reference on each rank's local slices, bytes exactly
+against the formulas in ulysses.py / hybrid.py, attention FLOPs against the
+visible pairs of the dense mask.
 """
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
-
-try:
-    from distributed_utils import run_distributed
-except ImportError:  # tests imported as a package
-    from tests.distributed_utils import run_distributed
-from attention_reference import doc_ids_from_lengths, reference_attention  # noqa: E402
+from cp_cases import CASES, check_case, make_data
+from distributed_utils import run_distributed
 
 from longctx.parallel import build_mesh, build_strategy
 from longctx.parallel.hybrid import HybridLayout, default_ulysses_size
 
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
-
-
-# ---------------------------------------------------------------------------
-# reference and cases
-# ---------------------------------------------------------------------------
-
-
-# Document lengths that do not line up with shard or chunk boundaries
-# (shards: 12 tokens for S=24/cp=2, 8 for S=32/cp=4; chunks half of that).
-DOCS = {
-    24: [[5, 7, 9, 3], [13, 11]],
-    32: [[5, 7, 9, 3, 8], [13, 11, 1, 7]],
-}
 # Long-tailed packed documents (one long, many short) for the imbalance report.
 LONG_TAIL = {32: [[19, 1, 2, 1, 5, 3, 1], [2, 1, 1, 23, 4, 1]]}
-
-# name, H, H_kv, causal, docs, dtype, extra options
-CASES = [
-    ("causal", 4, 4, True, False, torch.float64, {}),
-    ("noncausal_scale", 4, 4, False, False, torch.float64, {"softmax_scale": 0.3}),
-    ("causal_docs", 4, 4, True, True, torch.float64, {}),
-    ("noncausal_docs", 4, 4, False, True, torch.float64, {}),
-    ("gqa2_causal_docs_noncontig", 4, 2, True, True, torch.float64, {"noncontig": True}),
-    ("mqa_causal", 4, 1, True, False, torch.float64, {}),
-    ("fp32_gqa2_causal_docs", 4, 2, True, True, torch.float32, {}),
-]
-
-
-def _noncontiguous(t):
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def expected_bytes(kind, U, R, B, S_l, H, H_kv, D, es, doc_bytes, acc_size):
-    """(fwd, bwd) bytes sent per rank; ulysses = hybrid with (U, R) = (N, 1) and no ring.
-
-    Ulysses piece over U ranks: (U-1)/U of q, k, v (k/v after replication to
-    max(H_kv, U) heads) and of the output, plus (U-1) x local doc ids;
-    backward (U-1)/U of dout, dq, dk, dv.
-    Ring piece over R ranks on [B, U*S_l, heads/U, D] blocks (ring.py):
-    forward (R-1) x (k + v + doc), backward the same + R hops of dK/dV in acc dtype.
-    """
-    rep = 1 if H_kv % U == 0 else U // H_kv
-    q = B * S_l * H * D * es
-    kv = B * S_l * H_kv * rep * D * es  # one of k / v, replicated, = one ring block of k
-    fwd = (U - 1) * (q + 2 * kv + q) // U + (U - 1) * doc_bytes
-    bwd = (U - 1) * (q + q + 2 * kv) // U
-    if kind == "hybrid" and R > 1:
-        doc_h = U * doc_bytes
-        fwd += (R - 1) * (2 * kv + doc_h)
-        bwd += (R - 1) * (2 * kv + doc_h) + R * 2 * (kv // es) * acc_size
-    return fwd, bwd
-
-
-def make_data(case, seq_len, seed, B=2, D=8, docs=None):
-    name, H, H_kv, causal, use_docs, dtype, extra = case
-    g = torch.Generator().manual_seed(seed)  # the same full tensors on every rank of the group
-    q = torch.randn(B, seq_len, H, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, seq_len, H_kv, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, seq_len, H_kv, D, generator=g, dtype=torch.float64)
-    dout = torch.randn(B, seq_len, H, D, generator=g, dtype=torch.float64)
-    doc = doc_ids_from_lengths((docs or DOCS)[seq_len]) if use_docs else None
-    return q, k, v, dout, doc
-
-
-def check_case(strat, case, seq_len, seed=0, B=2, D=8, docs=None):
-    """Run one case; compare out and local dq/dk/dv to the dense reference; assert bytes and FLOPs."""
-    name, H, H_kv, causal, use_docs, dtype, extra = case
-    scale = extra.get("softmax_scale")
-    N, r = strat.cp_size, strat.cp_rank
-    q, k, v, dout, doc = make_data(case, seq_len, seed, B, D, docs)
-
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    out_ref, mask = reference_attention(qr, kr, vr, doc, causal, scale)
-    out_ref.backward(dout)
-
-    ql, kl, vl = (strat.shard(t).to(dtype) for t in (q, k, v))
-    if extra.get("noncontig"):
-        kl, vl = _noncontiguous(kl), _noncontiguous(vl)
-        assert not kl.is_contiguous()
-    ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
-    docl = strat.shard(doc) if doc is not None else None
-    out = strat.attention(ql, kl, vl, doc_ids=docl, causal=causal, softmax_scale=scale)
-    fwd_stats = dict(strat.last_stats)
-    out.backward(strat.shard(dout).to(dtype))
-    stats = strat.last_stats
-
-    tol = TOL[dtype]
-    where = f"{strat!r}, case {name}, rank {r}"
-
-    def close(got, ref, what):
-        torch.testing.assert_close(got.double(), ref, **tol, msg=lambda d: f"{where}: {what}\n{d}")
-
-    assert out.dtype == dtype and out.shape == ql.shape
-    assert ql.grad.dtype == kl.grad.dtype == vl.grad.dtype == dtype
-    close(out, strat.shard(out_ref.detach()), "out")
-    close(strat.unshard(out.detach()), out_ref.detach(), "unshard(out)")
-    for what, got, ref in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
-        close(got, strat.shard(ref), what)
-
-    # Bytes, exactly.
-    kind = strat.name
-    U, R = (N, 1) if kind == "ulysses" else (strat.ulysses_size, strat.ring_size)
-    es = ql.element_size()
-    doc_bytes = docl.numel() * docl.element_size() if docl is not None else 0
-    acc_size = 8 if dtype == torch.float64 else 4
-    fwd, bwd = expected_bytes(kind, U, R, B, seq_len // N, H, H_kv, D, es, doc_bytes, acc_size)
-    assert fwd_stats["fwd_bytes_sent"] == fwd_stats["bytes_sent"] == fwd, f"{where}: fwd {fwd} {fwd_stats}"
-    assert stats["fwd_bytes_sent"] == stats["fwd_bytes_recv"] == fwd, f"{where}: fwd {fwd} {stats}"
-    assert stats["bwd_bytes_sent"] == stats["bwd_bytes_recv"] == bwd, f"{where}: bwd {bwd} {stats}"
-    assert stats["bytes_sent"] == stats["bytes_recv"] == fwd + bwd, f"{where}: {stats}"
-    if kind == "ulysses" and U > 1 and docl is None:
-        # The brief's formula spelled out: (N-1)/N of each local q, k, v, out.
-        kv_rep = kl.numel() * es * (1 if H_kv % N == 0 else N // H_kv)
-        assert fwd == (N - 1) * (2 * ql.numel() * es + 2 * kv_rep) // N
-    if kind == "hybrid":  # total = pieces
-        for d in ("fwd", "bwd"):
-            assert stats[f"{d}_bytes_sent"] == stats[f"ulysses_{d}_bytes_sent"] + stats[f"ring_{d}_bytes_sent"]
-
-    # FLOPs: visible pairs of this rank's query rows (full sequence for ulysses,
-    # the inner group's ring chunk for hybrid) x this rank's heads.
-    if kind == "ulysses":
-        rows, heads = torch.arange(seq_len), H // N
-    else:
-        o = strat.ring_rank
-        rows = torch.cat([strat.token_index(seq_len, o * U + u) for u in range(U)])
-        heads = H // U
-    pairs = int(mask[:, rows].sum())
-    assert stats["attn_flops_fwd"] == 4 * B * heads * D * pairs, f"{where}: flops {stats}"
-    assert stats["attn_flops_bwd"] == 2.5 * stats["attn_flops_fwd"]
-    assert stats["attn_flops"] == 3.5 * stats["attn_flops_fwd"]
-    return stats
 
 
 def imbalance(strat, stats) -> float:

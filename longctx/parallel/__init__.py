@@ -17,12 +17,15 @@ from .ulysses import UlyssesAttention
 from .hybrid import HybridAttention, HybridLayout
 from .cad.strategy import CADAttentionStrategy
 from .strategy import STRATEGIES, CPStrategy, build_strategy
+from .stats import StrategyStats
+from .memory_state import context_parallel_memory
 
 __all__ = [
     "CADAttentionStrategy",
     "STRATEGIES",
     "build_strategy",
     "CPStrategy",
+    "StrategyStats",
     "RingAttention",
     "ZigzagAttention",
     "StripedAttention",
@@ -37,4 +40,5 @@ __all__ = [
     "ZigzagLayout",
     "StripedLayout",
     "LAYOUTS",
+    "context_parallel_memory",
 ]

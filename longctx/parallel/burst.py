@@ -86,6 +86,10 @@ with at least two query heads per KV head. The choice and both predicted
 counts are in `last_stats` (`bwd_mode`, `bwd_bytes_q_mode`,
 `bwd_bytes_kv_mode`).
 
+Sliding windows: every block (forward, and both backward modes) is planned
+with `ring.plan_block`, so blocks entirely outside the window are skipped and
+the others trimmed; bytes are those above (the schedule does not change).
+
 `last_stats`: bytes_sent/recv (fwd_/bwd_ split, and intra_node_/inter_node_
 bytes_sent), attn_flops (fwd, bwd = 2.5x fwd, total), visible_pairs, steps
 (= N blocks per pass), blocks_computed, inner_steps (L), outer_steps (n),
@@ -103,10 +107,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
-from .comm import ByteCounter
+from .comm import ByteCounter, PeerExchange
 from .layouts import ZigzagLayout
-from .comm import PeerExchange
-from .ring import OutMerger, _acc_dtype, block_backward, check_local_inputs, plan_block
+from .ring import OutMerger, _acc_dtype, block_backward, block_indices, plan_block
+from .stats import StrategyStats
 from .strategy import CPStrategy, register
 
 # The kernels' accumulating mode: attention_forward(..., acc=(out, lse)).
@@ -152,36 +156,14 @@ class DoubleRing:
     def num_nodes(self) -> int:
         return self.cp_size // self.node_size
 
-    @property
-    def node(self) -> int:
-        return self.cp_rank // self.node_size
-
-    @property
-    def local(self) -> int:
-        return self.cp_rank % self.node_size
-
-    def rank_of(self, node: int, local: int) -> int:
-        return (node % self.num_nodes) * self.node_size + local % self.node_size
-
-    @property
-    def inner_next(self) -> int:
-        return self.rank_of(self.node, self.local + 1)
-
-    @property
-    def inner_prev(self) -> int:
-        return self.rank_of(self.node, self.local - 1)
-
-    @property
-    def outer_next(self) -> int:
-        return self.rank_of(self.node + 1, self.local)
-
-    @property
-    def outer_prev(self) -> int:
-        return self.rank_of(self.node - 1, self.local)
+    def peer(self, d_node: int, d_local: int) -> int:
+        """Group rank of (node + d_node, local + d_local), both cyclic; this rank is (node, local)."""
+        node, local = divmod(self.cp_rank, self.node_size)
+        return ((node + d_node) % self.num_nodes) * self.node_size + (local + d_local) % self.node_size
 
     def owner(self, o: int, i: int) -> int:
         """Owner of the bundle held at outer step o, inner step i."""
-        return self.rank_of(self.node - o, self.local - i)
+        return self.peer(-o, -i)
 
     def order(self) -> list[int]:
         """Owners of the blocks in the order this rank computes them."""
@@ -208,23 +190,25 @@ def run_double_ring(sched: DoubleRing, group, bundle, step, inner_ctr, outer_ctr
     n, L = sched.num_nodes, sched.node_size
     travel = acc_templates is not None
 
+    def inner(tensors, tag):  # to the next rank of this node, from the previous one
+        return PeerExchange(tensors, group, sched.peer(0, 1), sched.peer(0, -1), inner_ctr, tag)
+
+    def outer(tensors, tag):  # to the same local rank of the next node, from the previous node
+        return PeerExchange(tensors, group, sched.peer(1, 0), sched.peer(-1, 0), outer_ctr, tag)
+
     def zeros():
         return [torch.zeros(shape, dtype=dt, device=dev) for shape, dt, dev in acc_templates]
 
-    seed = list(bundle)
+    seed = [None if t is None else t.contiguous() for t in bundle]
     own = None
     outer_acc_ex = None
     for o in range(n):
-        outer_ex = (
-            PeerExchange(seed, group, sched.outer_next, sched.outer_prev, outer_ctr, _OUTER) if o < n - 1 else None
-        )
+        outer_ex = outer(seed, _OUTER) if o < n - 1 else None
         cur = seed
         inner_acc_ex = None
         local0 = None
         for i in range(L):
-            inner_ex = (
-                PeerExchange(cur, group, sched.inner_next, sched.inner_prev, inner_ctr, _INNER) if i < L - 1 else None
-            )
+            inner_ex = inner(cur, _INNER) if i < L - 1 else None
             contrib = step(cur, sched.owner(o, i))
             if travel:
                 if i == 0:
@@ -232,7 +216,7 @@ def run_double_ring(sched: DoubleRing, group, bundle, step, inner_ctr, outer_ctr
                 else:
                     acc = zeros() if i == 1 else inner_acc_ex.wait()
                     _add(acc, contrib)
-                    inner_acc_ex = PeerExchange(acc, group, sched.inner_next, sched.inner_prev, inner_ctr, _ACC_INNER)
+                    inner_acc_ex = inner(acc, _ACC_INNER)
             if inner_ex is not None:
                 cur = inner_ex.wait()
         if travel:
@@ -246,7 +230,7 @@ def run_double_ring(sched: DoubleRing, group, bundle, step, inner_ctr, outer_ctr
                     prev = outer_acc_ex.wait()
                     for p, q in zip(part, prev):
                         p += q
-                outer_acc_ex = PeerExchange(part, group, sched.outer_next, sched.outer_prev, outer_ctr, _ACC_OUTER)
+                outer_acc_ex = outer(part, _ACC_OUTER)
         if outer_ex is not None:
             seed = outer_ex.wait()
     if travel and n > 1:
@@ -273,66 +257,43 @@ def backward_bytes(q, k, doc, cp_size: int) -> dict:
 
 class _BurstAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, doc, strat, causal, softmax_scale, stats):
-        N, r = strat.cp_size, strat.cp_rank
+    def forward(ctx, q, k, v, doc, strat, causal, window, softmax_scale, stats):
         B, S, H, D = q.shape
-        seq_len = S * N
-        index = [strat.layout.token_index(seq_len, o) for o in range(N)]
-        own_index = index[r]
+        index, own_index = block_indices(strat, S)
         sched = strat.schedule
         kernel_opts = dict(softmax_scale=softmax_scale, backend=strat.backend)
-        fused = strat.fused_merge
 
-        merger = OutMerger(q, fused=fused)
+        merger = OutMerger(q, fused=strat.fused_merge)
         counts = {"pairs": 0, "blocks": 0}
 
         def step(bundle, owner):
             k_blk, v_blk, d_blk = bundle
-            plan = plan_block(own_index, index[owner], causal)
+            plan = plan_block(own_index, index[owner], causal, window)
             if plan is not None:
                 counts["pairs"] += merger.fold(q, k_blk, v_blk, doc, d_blk, own_index, index[owner], plan, kernel_opts)
                 counts["blocks"] += 1
 
         inner, outer = ByteCounter(), ByteCounter()
-        bundle = [k.contiguous(), v.contiguous(), None if doc is None else doc.contiguous()]
-        run_double_ring(sched, strat.group, bundle, step, inner, outer)
+        run_double_ring(sched, strat.group, [k, v, doc], step, inner, outer)
         out_acc, lse_acc = merger.result()
         out = out_acc.to(q.dtype)  # cast once, at the end
 
-        costs = backward_bytes(q, k, doc, N)
+        costs = backward_bytes(q, k, doc, strat.cp_size)
         mode = strat.backward_mode
         if mode == "auto":
             # Per hop, so the choice depends on shapes only (and holds at cp=1 too).
             mode = "q" if costs["q_step"] <= costs["kv_step"] else "kv"
 
         ctx.save_for_backward(q, k, v, doc, out, lse_acc)
-        ctx.strat, ctx.causal, ctx.stats, ctx.mode = strat, causal, stats, mode
+        ctx.strat, ctx.mask, ctx.stats, ctx.mode = strat, (causal, window), stats, mode
         ctx.kernel_opts = kernel_opts
-        flops = 4.0 * B * H * D * counts["pairs"]
-        sent, recv = inner.sent + outer.sent, inner.recv + outer.recv
-        stats.update(
-            steps=N,
-            inner_steps=sched.node_size,
-            outer_steps=sched.num_nodes,
-            node_size=sched.node_size,
-            num_nodes=sched.num_nodes,
-            blocks_computed=counts["blocks"],
-            visible_pairs=counts["pairs"],
-            fused_merge=fused,
-            bwd_mode=mode,
-            bwd_bytes_q_mode=costs["q"],
-            bwd_bytes_kv_mode=costs["kv"],
-            fwd_bytes_sent=sent,
-            fwd_bytes_recv=recv,
-            bwd_bytes_sent=0,
-            bwd_bytes_recv=0,
-            bytes_sent=sent,
-            bytes_recv=recv,
-            intra_node_bytes_sent=inner.sent,
-            inter_node_bytes_sent=outer.sent,
-            attn_flops_fwd=flops,
-            attn_flops_bwd=0.0,
-            attn_flops=flops,
+        stats.add_forward(
+            inner, outer, flops=4.0 * B * H * D * counts["pairs"],
+            steps=strat.cp_size, inner_steps=sched.node_size, outer_steps=sched.num_nodes,
+            node_size=sched.node_size, num_nodes=sched.num_nodes,
+            blocks_computed=counts["blocks"], visible_pairs=counts["pairs"], fused_merge=strat.fused_merge,
+            bwd_mode=mode, bwd_bytes_q_mode=costs["q"], bwd_bytes_kv_mode=costs["kv"],
+            intra_node_bytes_sent=inner.sent, inter_node_bytes_sent=outer.sent,
         )
         return out
 
@@ -340,11 +301,8 @@ class _BurstAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, doc, out, lse = ctx.saved_tensors
-        strat, causal, stats, mode = ctx.strat, ctx.causal, ctx.stats, ctx.mode
-        N, r = strat.cp_size, strat.cp_rank
-        S = q.shape[1]
-        index = [strat.layout.token_index(S * N, o) for o in range(N)]
-        own_index = index[r]
+        strat, stats, mode = ctx.strat, ctx.stats, ctx.mode
+        index, own_index = block_indices(strat, q.shape[1])
         dev = q.device
         acc_dt = _acc_dtype(q.dtype)
         opts = ctx.kernel_opts
@@ -361,7 +319,7 @@ class _BurstAttention(torch.autograd.Function):
 
             def step(bundle, owner):
                 q_o, do_o, ld_o, qd_o = bundle
-                plan = plan_block(index[owner], own_index, causal)
+                plan = plan_block(index[owner], own_index, *ctx.mask)
                 if plan is None:
                     return None
                 dq_b, dk_b, dv_b = block_backward(
@@ -371,7 +329,7 @@ class _BurstAttention(torch.autograd.Function):
                 dv[:, plan.k0 : plan.k1] += dv_b
                 return [(dq_b, plan.q0, plan.q1)]
 
-            bundle = [q.contiguous(), dout, lse_delta, None if doc is None else doc.contiguous()]
+            bundle = [q, dout, lse_delta, doc]
             (dq,) = run_double_ring(
                 strat.schedule, strat.group, bundle, step, inner, outer, [(q.shape, acc_dt, dev)]
             )
@@ -381,7 +339,7 @@ class _BurstAttention(torch.autograd.Function):
 
             def step(bundle, owner):
                 k_o, v_o, kd_o = bundle
-                plan = plan_block(own_index, index[owner], causal)
+                plan = plan_block(own_index, index[owner], *ctx.mask)
                 if plan is None:
                     return None
                 dq_b, dk_b, dv_b = block_backward(
@@ -390,25 +348,17 @@ class _BurstAttention(torch.autograd.Function):
                 dq[:, plan.q0 : plan.q1] += dq_b
                 return [(dk_b, plan.k0, plan.k1), (dv_b, plan.k0, plan.k1)]
 
-            bundle = [k.contiguous(), v.contiguous(), None if doc is None else doc.contiguous()]
             dk, dv = run_double_ring(
-                strat.schedule, strat.group, bundle, step, inner, outer,
+                strat.schedule, strat.group, [k, v, doc], step, inner, outer,
                 [(k.shape, acc_dt, dev), (v.shape, acc_dt, dev)],
             )
 
-        sent, recv = inner.sent + outer.sent, inner.recv + outer.recv
-        bwd_flops = 2.5 * stats["attn_flops_fwd"]
-        stats.update(
-            bwd_bytes_sent=sent,
-            bwd_bytes_recv=recv,
-            bytes_sent=stats["fwd_bytes_sent"] + sent,
-            bytes_recv=stats["fwd_bytes_recv"] + recv,
+        stats.add_backward(
+            inner, outer,
             intra_node_bytes_sent=stats["intra_node_bytes_sent"] + inner.sent,
             inter_node_bytes_sent=stats["inter_node_bytes_sent"] + outer.sent,
-            attn_flops_bwd=bwd_flops,
-            attn_flops=stats["attn_flops_fwd"] + bwd_flops,
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 @register("burst")
@@ -436,10 +386,10 @@ class BurstAttention(CPStrategy):
         self.fused_merge = FUSED_MERGE_AVAILABLE if fused_merge is None else bool(fused_merge)
         self.schedule = DoubleRing(self.cp_size, self.cp_rank, resolve_node_size(node_size, self.cp_size))
 
-    def attention(self, q, k, v, *, doc_ids=None, causal=True, softmax_scale=None):
-        check_local_inputs(q, k, v, doc_ids, "burst attention")
-        self.last_stats = {}
-        return _BurstAttention.apply(q, k, v, doc_ids, self, causal, softmax_scale, self.last_stats)
+    def attention(self, q, k, v, *, doc_ids=None, causal=True, window=None, softmax_scale=None):
+        window = self.check_inputs(q, k, v, doc_ids, window)
+        self.last_stats = StrategyStats()
+        return _BurstAttention.apply(q, k, v, doc_ids, self, causal, window, softmax_scale, self.last_stats)
 
     def __repr__(self) -> str:
         s = self.schedule

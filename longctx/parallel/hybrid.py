@@ -17,6 +17,9 @@ consecutive ranks: cp rank ``c = o*U + u`` is member ``u`` of inner group
 3. An all-to-all inside the inner group brings the output back to the
    sequence layout.
 
+A sliding window is the ring's: its blocks are planned on the ring chunks'
+global token indices (`ring.plan_block`), skipping the ones outside it.
+
 Layout (:class:`HybridLayout`): the sequence is cut into ``2N`` chunks and cp
 rank ``c`` holds chunks ``c`` and ``2N-1-c`` (the zigzag layout over all N
 ranks). The U ranks of inner group ``o`` then hold 2N-chunks
@@ -65,8 +68,9 @@ from torch.autograd.function import once_differentiable
 from .comm import ByteCounter, all_gather_cat, all_to_all
 from .layouts import Layout, ZigzagLayout
 from .ring import _RingAttention
+from .stats import StrategyStats
 from .strategy import CPStrategy, register
-from .ulysses import check_qkv, grads_to_seq, heads_to_seq, kv_replication, seq_to_heads
+from .ulysses import grads_to_seq, heads_to_seq, kv_replication, seq_to_heads
 
 
 class HybridLayout(ZigzagLayout):
@@ -122,41 +126,33 @@ class _RingView:
 
 
 class _CallStats:
-    """Byte counters and ring stats of one forward (+ its backward), and the
-    ``last_stats`` dict they add up to. Each call gets its own record, so the
-    backward of an earlier call (another layer) never mixes with a later one."""
+    """Byte counters of the Ulysses pieces and the ring's own stats for one forward (+ its
+    backward); ``out`` is the call's ``last_stats``, completed at the end of the forward
+    and again of the backward. Each call gets its own record, so the backward of an
+    earlier call (another layer) never mixes with a later one."""
+
+    _RING_KEYS = ("fwd_bytes_sent", "fwd_bytes_recv", "bwd_bytes_sent", "bwd_bytes_recv", "steps", "blocks_computed")
 
     def __init__(self, ulysses_size: int, ring_size: int):
         self.U, self.R = ulysses_size, ring_size
         self.fwd, self.bwd = ByteCounter(), ByteCounter()
-        self.ring: dict = {}
-        self.out: dict = {}
+        self.ring = StrategyStats()
+        self.out = StrategyStats()
 
-    def update(self) -> None:
-        a_f, a_b, ring, s = self.fwd, self.bwd, self.ring, self.out
-        s.update(
-            ulysses_size=self.U,
-            ring_size=self.R,
-            ulysses_fwd_bytes_sent=a_f.sent,
-            ulysses_fwd_bytes_recv=a_f.recv,
-            ulysses_bwd_bytes_sent=a_b.sent,
-            ulysses_bwd_bytes_recv=a_b.recv,
+    def _pieces(self) -> dict:
+        return dict(
+            ulysses_fwd_bytes_sent=self.fwd.sent, ulysses_fwd_bytes_recv=self.fwd.recv,
+            ulysses_bwd_bytes_sent=self.bwd.sent, ulysses_bwd_bytes_recv=self.bwd.recv,
+            **self.ring.prefixed("ring_", self._RING_KEYS),
         )
-        for key in ("fwd_bytes_sent", "fwd_bytes_recv", "bwd_bytes_sent", "bwd_bytes_recv",
-                    "steps", "blocks_computed"):
-            s[f"ring_{key}"] = ring.get(key, 0)
-        s.update(
-            visible_pairs=ring.get("visible_pairs", 0),
-            fwd_bytes_sent=a_f.sent + ring.get("fwd_bytes_sent", 0),
-            fwd_bytes_recv=a_f.recv + ring.get("fwd_bytes_recv", 0),
-            bwd_bytes_sent=a_b.sent + ring.get("bwd_bytes_sent", 0),
-            bwd_bytes_recv=a_b.recv + ring.get("bwd_bytes_recv", 0),
-            attn_flops_fwd=ring.get("attn_flops_fwd", 0.0),
-            attn_flops_bwd=ring.get("attn_flops_bwd", 0.0),
-            attn_flops=ring.get("attn_flops", 0.0),
-        )
-        s["bytes_sent"] = s["fwd_bytes_sent"] + s["bwd_bytes_sent"]
-        s["bytes_recv"] = s["fwd_bytes_recv"] + s["bwd_bytes_recv"]
+
+    def forward_done(self) -> None:
+        ring = self.ring
+        self.out.add_forward(self.fwd, ring.fwd, flops=ring.get("attn_flops_fwd", 0.0), ulysses_size=self.U,
+                             ring_size=self.R, visible_pairs=ring.get("visible_pairs", 0), **self._pieces())
+
+    def backward_done(self) -> None:
+        self.out.add_backward(self.bwd, self.ring.bwd, flops=self.ring.get("attn_flops_bwd", 0.0), **self._pieces())
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -179,7 +175,7 @@ class _SeqToHeads(torch.autograd.Function):
         dq, dk, dv = grads_to_seq(
             dqh, dkh, dvh, strat.inner_group, strat.ulysses_size, ctx.rep, ctx.rec.bwd, ctx.inverse
         )
-        ctx.rec.update()
+        ctx.rec.backward_done()
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -264,23 +260,19 @@ class HybridAttention(CPStrategy):
         for ranks in sorted(plans):
             u = plans[ranks]
             r = len(ranks) // u
-            # Trivial (size-1) groups are never used: skip them (the same way on every rank).
-            if u > 1:
-                for o in range(r):
-                    members = [ranks[o * u + i] for i in range(u)]
+            inner = [[ranks[o * u + i] for i in range(u)] for o in range(r)]  # consecutive ranks
+            outer = [[ranks[o * u + i] for o in range(r)] for i in range(u)]  # stride u
+            for attr, groups, mine in (("inner_group", inner, self.ring_rank), ("outer_group", outer, self.inner_rank)):
+                if len(groups[0]) < 2:
+                    continue  # trivial (size-1) groups are never used: skipped the same way on every rank
+                for j, members in enumerate(groups):
                     g = dist.new_group(members)
-                    if ranks == tuple(me) and o == self.ring_rank:
-                        self.inner_group = g
-            if r > 1:
-                for i in range(u):
-                    members = [ranks[o * u + i] for o in range(r)]
-                    g = dist.new_group(members)
-                    if ranks == tuple(me) and i == self.inner_rank:
-                        self.outer_group = g
+                    if ranks == tuple(me) and j == mine:
+                        setattr(self, attr, g)
 
     # -- attention -------------------------------------------------------------
-    def attention(self, q, k, v, *, doc_ids=None, causal=True, softmax_scale=None):
-        check_qkv(q, k, v, doc_ids, "hybrid")
+    def attention(self, q, k, v, *, doc_ids=None, causal=True, window=None, softmax_scale=None):
+        window = self.check_inputs(q, k, v, doc_ids, window)
         H, H_kv = q.shape[2], k.shape[2]
         if self.ulysses_size is None:
             self._setup(H, H_kv)
@@ -300,9 +292,9 @@ class HybridAttention(CPStrategy):
             doc_h = all_gather_cat(doc_ids, self.inner_group, 1, rec.fwd)
             doc_h = doc_h if order is None else doc_h.index_select(1, order)
         qh, kh, vh = _SeqToHeads.apply(q, k, v, self, rep, rec, order, inverse)
-        out_h = _RingAttention.apply(qh, kh, vh, doc_h, self._ring_view, causal, softmax_scale, rec.ring)
+        out_h = _RingAttention.apply(qh, kh, vh, doc_h, self._ring_view, causal, window, softmax_scale, rec.ring)
         out = _HeadsToSeq.apply(out_h, self, rec, order, inverse)
-        rec.update()
+        rec.forward_done()
         return out
 
     def __repr__(self) -> str:

@@ -19,13 +19,18 @@ Both exchanges of a step are posted before that step's block is computed
 the block's gradients are computed).
 
 Masks and skips follow from global token indices only, so the same code is
-exact for any layout (contiguous, zigzag, striped, ...). With causal masking
-`plan_block` trims each block to the rows and keys that can see something:
-for sorted local indices (all our layouts) the queries that see at least one
-key form a suffix and the keys seen by at least one query a prefix, so a
-zigzag block shrinks to the half that is visible, and a block whose trimmed
-part is fully visible runs without a mask. FLOPs are counted from the visible
-pairs of the trimmed block, which are exactly the visible pairs of the block.
+exact for any layout (contiguous, zigzag, striped, ...). `plan_block` skips a
+block with no visible pair (causal: min(k) > max(q); sliding window W:
+min(q) - max(k) >= W, or no query with a key in (q - W, q], e.g. striped
+blocks of other ranks with W = 1) and trims the others to the rows and keys
+that can see something: for sorted local indices (all our layouts) the
+queries that see at least one key lie in one range (a suffix under causal
+masking) and so do the keys seen by at least one query, so a zigzag block
+shrinks to the half that is visible, and a block whose trimmed part is fully
+visible runs without a mask (the causal and the window mask are dropped
+separately). FLOPs are counted from the visible pairs of the trimmed block,
+which are exactly the visible pairs of the block. With a window, K/V still
+make the whole ring (bytes are the same as without); only compute is skipped.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import attention_backward, attention_forward, merge_partials, visible_pairs
 from .comm import ByteCounter, ring_exchange
-from .strategy import CPStrategy, register
+from .stats import StrategyStats
+from .strategy import CPStrategy, mask_options, register
 
 # Distinct tag ranges: in backward a K/V exchange and a dK/dV exchange are in
 # flight at the same time between the same pair of ranks.
@@ -59,7 +65,8 @@ class BlockPlan:
 
     Local query rows [q0, q1) and key positions [k0, k1); `masked` says
     whether the causal mask is needed inside that part (False = every pair of
-    it is causally visible; document masks still apply).
+    it is causally visible) and `window` whether the sliding-window mask is
+    (None = every pair of it is within the window); document masks still apply.
     """
 
     q0: int
@@ -67,28 +74,57 @@ class BlockPlan:
     k0: int
     k1: int
     masked: bool
+    window: int | None = None
+
+    def mask_kw(self) -> dict:
+        """The mask options of this part for the kernels and `visible_pairs`."""
+        return mask_options(self.masked, self.window)
 
 
-def plan_block(q_index: torch.Tensor, k_index: torch.Tensor, causal: bool) -> BlockPlan | None:
+def plan_block(q_index: torch.Tensor, k_index: torch.Tensor, causal: bool, window: int | None = None
+               ) -> BlockPlan | None:
     """BlockPlan for queries `q_index` against keys `k_index` (CPU int64), None = skip.
 
-    Exact for any index sets: a skipped block has no causally visible pair,
-    and trimmed rows/keys have none either. Trimming needs sorted indices
-    (true for every layout here); unsorted ones are planned as a whole.
+    Exact for any index sets: a skipped block has no visible pair (causal:
+    min(k) > max(q); window W: min(q) - max(k) >= W, or, for sorted indices,
+    no query with a key in (q - W, q]), and trimmed rows/keys have none
+    either. Trimming needs sorted indices (true for every layout here);
+    unsorted ones are planned as a whole.
     """
     s_q, s_k = q_index.numel(), k_index.numel()
-    if not causal:
-        return BlockPlan(0, s_q, 0, s_k, False)
-    k_min, q_max = int(k_index.min()), int(q_index.max())
-    if k_min > q_max:
+    if s_q == 0 or s_k == 0:
         return None
+    if not causal and window is None:
+        return BlockPlan(0, s_q, 0, s_k, False)
+    q_min, q_max, k_min, k_max = (int(t) for t in (q_index.min(), q_index.max(), k_index.min(), k_index.max()))
+    if (causal and k_min > q_max) or (window is not None and q_min - k_max >= window):
+        return None
+    q0, q1, k0, k1 = 0, s_q, 0, s_k
     if _is_sorted(q_index) and _is_sorted(k_index):
-        # Rows with q >= min(k) see something; keys with k <= max(q) are seen.
-        q0 = int(torch.searchsorted(q_index, k_min, right=False))
-        k1 = int(torch.searchsorted(k_index, q_max, right=True))
-        masked = int(k_index[k1 - 1]) > int(q_index[q0])
-        return BlockPlan(q0, s_q, 0, k1, masked)
-    return BlockPlan(0, s_q, 0, s_k, int(k_index.max()) > int(q_index.min()))
+        if window is None:
+            # Rows with q >= min(k) see something (a suffix); keys with k <= max(q) are seen (a prefix).
+            q0 = int(torch.searchsorted(q_index, k_min, right=False))
+            k1 = int(torch.searchsorted(k_index, q_max, right=True))
+        else:
+            # Row i sees keys [lo_i, hi_i): k > q_i - W and (causal) k <= q_i; both grow with i.
+            lo = torch.searchsorted(k_index, q_index - window, right=True)
+            hi = torch.searchsorted(k_index, q_index, right=True) if causal else torch.full_like(lo, s_k)
+            sees = (hi > lo).nonzero()
+            if sees.numel() == 0:
+                return None
+            q0, q1 = int(sees[0]), int(sees[-1]) + 1
+            k0, k1 = int(lo[q0]), int(hi[q1 - 1])
+        q_min, q_max = int(q_index[q0]), int(q_index[q1 - 1])
+        k_min, k_max = int(k_index[k0]), int(k_index[k1 - 1])
+    masked = causal and k_max > q_min
+    needs_window = window is not None and q_max - k_min >= window
+    return BlockPlan(q0, q1, k0, k1, masked, window if needs_window else None)
+
+
+def block_indices(strat, s_local: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Global token indices (CPU) of every rank's block, for the skip decisions, and this rank's."""
+    index = [strat.layout.token_index(s_local * strat.cp_size, o) for o in range(strat.cp_size)]
+    return index, index[strat.cp_rank]
 
 
 def _rows(t, a, b):
@@ -116,13 +152,14 @@ class OutMerger:
         self.out = torch.zeros(self.B, self.S, self.H, self.D, dtype=self.acc_dt, device=self.dev)
         self.lse = torch.full((self.B, self.H, self.S), float("-inf"), dtype=self.acc_dt, device=self.dev)
 
-    def fold(self, q, k, v, q_doc, k_doc, q_index, k_index, plan: BlockPlan, kernel_opts, index_dev=None):
+    def fold(self, q, k, v, q_doc, k_doc, q_index, k_index, plan: BlockPlan, kernel_opts):
         """Attend q[plan rows] to k/v[plan keys], merge; returns the visible pair count."""
         q0, q1, k0, k1 = plan.q0, plan.q1, plan.k0, plan.k1
         qi, ki = q_index[q0:q1], k_index[k0:k1]
         qd, kd = _rows(q_doc, q0, q1), _rows(k_doc, k0, k1)
         args = (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1])
-        kw = dict(q_index=qi.to(self.dev), k_index=ki.to(self.dev), q_doc=qd, k_doc=kd, causal=plan.masked, **kernel_opts)
+        kw = dict(q_index=qi.to(self.dev), k_index=ki.to(self.dev), q_doc=qd, k_doc=kd, **plan.mask_kw(),
+                  **kernel_opts)
         whole = q0 == 0 and q1 == self.S
         if self.out is None and whole:
             out_b, lse_b = attention_forward(*args, **kw)
@@ -141,7 +178,7 @@ class OutMerger:
             else:
                 self.out[:, q0:q1] = o
                 self.lse[:, :, q0:q1] = l
-        return visible_pairs(qi, ki, qd, kd, plan.masked, batch_size=None if qd is not None else self.B)
+        return visible_pairs(qi, ki, qd, kd, **plan.mask_kw(), batch_size=None if qd is not None else self.B)
 
     def result(self):
         if self.out is None:  # no block had a visible pair
@@ -162,89 +199,58 @@ def block_backward(dout, q, k, v, out, lse, delta, q_doc, k_doc, q_index, k_inde
         None if out is None else out[:, q0:q1], lse[:, :, q0:q1],
         q_index=q_index[q0:q1].to(dev), k_index=k_index[k0:k1].to(dev),
         q_doc=_rows(q_doc, q0, q1), k_doc=_rows(k_doc, k0, k1),
-        causal=plan.masked, delta=delta[:, :, q0:q1], **kernel_opts,
+        delta=delta[:, :, q0:q1], **plan.mask_kw(), **kernel_opts,
     )
 
 
-def check_local_inputs(q, k, v, doc_ids, what="ring attention"):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be [B, S_local, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape[1] != q.shape[1]:
-        raise ValueError(
-            f"{what} needs q and k/v with the same local length, got {q.shape[1]} and {k.shape[1]}"
-        )
-    if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
-        raise ValueError(
-            f"doc_ids must be [B, S_local] = {tuple(q.shape[:2])}, got {tuple(doc_ids.shape)}"
-        )
+def ring_steps(strat, tensors, counter: ByteCounter):
+    """Yield (step, owner, blocks): the ring's N steps over `tensors` (K, V, doc ids).
+
+    The next block's transfer is posted before each yield, so the caller's
+    compute on `blocks` overlaps it (double buffering); K/V make N-1 hops.
+    """
+    N, r = strat.cp_size, strat.cp_rank
+    blocks = [None if t is None else t.contiguous() for t in tensors]
+    for step in range(N):
+        ex = ring_exchange(blocks, strat.group, counter, _KV_TAGS) if step < N - 1 else None
+        yield step, (r - step) % N, blocks
+        if ex is not None:
+            blocks = ex.wait()
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, doc, strat, causal, softmax_scale, stats):
-        N, r, group = strat.cp_size, strat.cp_rank, strat.group
+    def forward(ctx, q, k, v, doc, strat, causal, window, softmax_scale, stats):
         B, S, H, D = q.shape
-        seq_len = S * N
-        # Token indices of every rank's block, on CPU for the skip decisions.
-        index = [strat.layout.token_index(seq_len, o) for o in range(N)]
-        q_index = index[r]
+        index, q_index = block_indices(strat, S)
         kernel_opts = dict(softmax_scale=softmax_scale, backend=strat.backend)
 
         counter = ByteCounter()
         merger = OutMerger(q, fused=getattr(strat, "fused_merge", False))
-        k_blk, v_blk, d_blk = k.contiguous(), v.contiguous(), None if doc is None else doc.contiguous()
-        pairs = 0
-        computed = 0
-        for step in range(N):
-            owner = (r - step) % N
-            # Post the next block's transfer first, then compute on the current one.
-            ex = (
-                ring_exchange([k_blk, v_blk, d_blk], group, counter, _KV_TAGS)
-                if step < N - 1
-                else None
-            )
-            plan = plan_block(q_index, index[owner], causal)
+        pairs = computed = 0
+        for _, owner, (k_blk, v_blk, d_blk) in ring_steps(strat, [k, v, doc], counter):
+            plan = plan_block(q_index, index[owner], causal, window)
             if plan is not None:
                 pairs += merger.fold(q, k_blk, v_blk, doc, d_blk, q_index, index[owner], plan, kernel_opts)
                 computed += 1
-            if ex is not None:
-                k_blk, v_blk, d_blk = ex.wait()
 
         out_acc, lse_acc = merger.result()
         out = out_acc.to(q.dtype)  # cast once, at the end
 
         ctx.save_for_backward(q, k, v, doc, out, lse_acc)
-        ctx.strat, ctx.causal, ctx.stats = strat, causal, stats
+        ctx.strat, ctx.causal, ctx.window, ctx.stats = strat, causal, window, stats
         ctx.kernel_opts = kernel_opts
-        flops = 4.0 * B * H * D * pairs
-        stats.update(
-            steps=N,
-            blocks_computed=computed,
-            visible_pairs=pairs,
-            fwd_bytes_sent=counter.sent,
-            fwd_bytes_recv=counter.recv,
-            bwd_bytes_sent=0,
-            bwd_bytes_recv=0,
-            bytes_sent=counter.sent,
-            bytes_recv=counter.recv,
-            attn_flops_fwd=flops,
-            attn_flops_bwd=0.0,
-            attn_flops=flops,
-        )
+        stats.add_forward(counter, flops=4.0 * B * H * D * pairs, steps=strat.cp_size, blocks_computed=computed,
+                          visible_pairs=pairs)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, doc, out, lse = ctx.saved_tensors
-        strat, causal, stats = ctx.strat, ctx.causal, ctx.stats
-        N, r, group = strat.cp_size, strat.cp_rank, strat.group
-        B, S, H, D = q.shape
-        seq_len = S * N
-        index = [strat.layout.token_index(seq_len, o) for o in range(N)]
-        q_index = index[r]
+        strat = ctx.strat
+        N = strat.cp_size
+        index, q_index = block_indices(strat, q.shape[1])
         dev = q.device
         acc_dt = _acc_dtype(q.dtype)
 
@@ -252,17 +258,9 @@ class _RingAttention(torch.autograd.Function):
         delta = (dout.to(acc_dt) * out.to(acc_dt)).sum(dim=-1).transpose(1, 2).contiguous()
         dq = torch.zeros(q.shape, dtype=acc_dt, device=dev)
         counter = ByteCounter()
-        k_blk, v_blk, d_blk = k.contiguous(), v.contiguous(), None if doc is None else doc.contiguous()
         dkv_ex = None
-        for step in range(N):
-            owner = (r - step) % N
-            # Double buffering: the next K/V block travels while this one is computed.
-            kv_ex = (
-                ring_exchange([k_blk, v_blk, d_blk], group, counter, _KV_TAGS)
-                if step < N - 1
-                else None
-            )
-            plan = plan_block(q_index, index[owner], causal)
+        for step, owner, (k_blk, v_blk, d_blk) in ring_steps(strat, [k, v, doc], counter):
+            plan = plan_block(q_index, index[owner], ctx.causal, ctx.window)
             grads = None
             if plan is not None:
                 grads = block_backward(
@@ -282,22 +280,12 @@ class _RingAttention(torch.autograd.Function):
                 dv_acc[:, plan.k0 : plan.k1] += grads[2]
             if N > 1:
                 # Pass them on; after the last step's hop they are at their owner.
-                dkv_ex = ring_exchange([dk_acc, dv_acc], group, counter, _DKV_TAGS)
-            if kv_ex is not None:
-                k_blk, v_blk, d_blk = kv_ex.wait()
+                dkv_ex = ring_exchange([dk_acc, dv_acc], strat.group, counter, _DKV_TAGS)
         if N > 1:
             dk_acc, dv_acc = dkv_ex.wait()
 
-        bwd_flops = 2.5 * stats["attn_flops_fwd"]
-        stats.update(
-            bwd_bytes_sent=counter.sent,
-            bwd_bytes_recv=counter.recv,
-            bytes_sent=stats["fwd_bytes_sent"] + counter.sent,
-            bytes_recv=stats["fwd_bytes_recv"] + counter.recv,
-            attn_flops_bwd=bwd_flops,
-            attn_flops=stats["attn_flops_fwd"] + bwd_flops,
-        )
-        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None, None, None
+        ctx.stats.add_backward(counter)
+        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None, None, None, None
 
 
 @register("ring")
@@ -314,14 +302,15 @@ class RingAttention(CPStrategy):
     Communication per rank (B, S_local, H_kv, D; e = element size, a = 4
     (8 for fp64) the accumulator size; doc = B*S_local*8 with doc ids):
     forward (N-1) * (2*B*S_local*H_kv*D*e + doc); backward the same plus
-    N * 2*B*S_local*H_kv*D*a for the dK/dV accumulators.
+    N * 2*B*S_local*H_kv*D*a for the dK/dV accumulators (with or without a
+    window: a window only skips compute).
     """
 
     name = "ring"
     fused_merge = False  # merge with merge_partials (burst uses the kernels' fused mode)
 
-    def attention(self, q, k, v, *, doc_ids=None, causal=True, softmax_scale=None):
-        check_local_inputs(q, k, v, doc_ids, f"{self.name} attention")
-        # A fresh dict per forward; the matching backward fills in the same dict.
-        self.last_stats = {}
-        return _RingAttention.apply(q, k, v, doc_ids, self, causal, softmax_scale, self.last_stats)
+    def attention(self, q, k, v, *, doc_ids=None, causal=True, window=None, softmax_scale=None):
+        window = self.check_inputs(q, k, v, doc_ids, window)
+        # A fresh record per forward; the matching backward completes the same one.
+        self.last_stats = StrategyStats()
+        return _RingAttention.apply(q, k, v, doc_ids, self, causal, window, softmax_scale, self.last_stats)

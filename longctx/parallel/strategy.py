@@ -7,16 +7,22 @@ function that is exact with respect to single-device attention on the full row.
 from __future__ import annotations
 
 import abc
-
 import difflib
+import numbers
 
 import torch
 
 from .comm import resolve_group
 from .layouts import ContiguousLayout, Layout
+from .stats import StrategyStats
 
 # Contract: every name a user may put in the config, in this order.
 STRATEGIES = ("ring", "zigzag", "striped", "burst", "ulysses", "hybrid", "cad")
+
+
+def mask_options(causal: bool, window: int | None) -> dict:
+    """The mask keywords of the kernels and ``visible_pairs``."""
+    return {"causal": causal, "window": window}
 
 
 class CPStrategy(abc.ABC):
@@ -24,7 +30,7 @@ class CPStrategy(abc.ABC):
 
     Fields: `group` (the CP ProcessGroup, None without torch.distributed),
     `cp_size`, `cp_rank`, `layout`, `backend` (kernel backend) and
-    `last_stats` (the last forward+backward on this rank).
+    `last_stats` (a `StrategyStats`: the last forward+backward on this rank).
     """
 
     name = "base"
@@ -35,7 +41,7 @@ class CPStrategy(abc.ABC):
         self.group, self.cp_size, self.cp_rank = resolve_group(group)
         self.layout = self.layout_cls(self.group)
         self.backend = backend
-        self.last_stats: dict = {}
+        self.last_stats = StrategyStats()
 
     def shard(self, full: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return self.layout.shard(full, dim)
@@ -47,8 +53,36 @@ class CPStrategy(abc.ABC):
         return self.layout.token_index(seq_len, rank, device=device)
 
     @abc.abstractmethod
-    def attention(self, q, k, v, *, doc_ids=None, causal=True, softmax_scale=None):
-        """Exact attention over the whole sequence for this rank's local q, k, v."""
+    def attention(self, q, k, v, *, doc_ids=None, causal=True, window=None, softmax_scale=None):
+        """Exact attention over the whole sequence for this rank's local q, k, v.
+
+        Key j is visible to query i when (not causal or idx_i >= idx_j), they are in the
+        same document, and (window is None or idx_i - idx_j < window); idx = global token index.
+        """
+
+    def check_inputs(self, q, k, v, doc_ids=None, window=None) -> int | None:
+        """ValueError (naming the strategy) unless q [B, S, H, D], k = v [B, S, H_kv, D] with
+        H % H_kv == 0, doc_ids [B, S] or None, window a positive int or None (raised on
+        every rank before any collective). Returns the window as an int (or None)."""
+        what = self.name
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(
+                f"{what}: q, k, v must be [B, S_local, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+            raise ValueError(
+                f"{what}: k and v must be [B, S_local, H_kv, D] matching q {tuple(q.shape)}, "
+                f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        if q.shape[2] % k.shape[2] != 0:
+            raise ValueError(f"{what}: q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]})")
+        if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
+            raise ValueError(
+                f"{what}: doc_ids must be [B, S_local] = {tuple(q.shape[:2])}, got {tuple(doc_ids.shape)}"
+            )
+        if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+            raise ValueError(f"{what}: window must be a positive integer or None, got {window!r}")
+        return None if window is None else int(window)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cp_size={self.cp_size}, cp_rank={self.cp_rank}, backend={self.backend!r})"

@@ -40,7 +40,8 @@ Received bytes equal sent bytes. q, k, v travel in one packed all-to-all
 
 FLOPs: ``4 * B * (H/N) * D * visible_pairs(full sequence)`` forward, 2.5x
 that backward: every rank computes the same work when heads split evenly, so
-the attention-FLOP imbalance is exactly 1.0 for any mask.
+the attention-FLOP imbalance is exactly 1.0 for any mask. A sliding window
+goes to the kernel as is (every rank sees the whole sequence).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import attention_backward, attention_forward, visible_pairs
 from .comm import ByteCounter, all_gather_cat, all_to_all
-from .strategy import CPStrategy, register
+from .stats import StrategyStats
+from .strategy import CPStrategy, mask_options, register
 
 
 def kv_replication(num_heads: int, num_kv_heads: int, n: int, what: str = "ulysses") -> int:
@@ -147,23 +149,6 @@ def full_index(layout, seq_len: int, n: int) -> torch.Tensor:
     return torch.cat([layout.token_index(seq_len, o) for o in range(n)])
 
 
-def check_qkv(q, k, v, doc_ids, what: str) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"{what}: q, k, v must be [B, S_local, H, D], got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(
-            f"{what}: k and v must be [B, S_local, H_kv, D] matching q {tuple(q.shape)}, "
-            f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
-        raise ValueError(
-            f"{what}: doc_ids must be [B, S_local] = {tuple(q.shape[:2])}, got {tuple(doc_ids.shape)}"
-        )
-
-
 # ---------------------------------------------------------------------------
 # the autograd Function
 # ---------------------------------------------------------------------------
@@ -171,14 +156,14 @@ def check_qkv(q, k, v, doc_ids, what: str) -> None:
 
 class _UlyssesAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, doc, strat, causal, softmax_scale, stats):
+    def forward(ctx, q, k, v, doc, strat, causal, window, softmax_scale, stats):
         N, group = strat.cp_size, strat.group
         B, S, H, D = q.shape
         rep = kv_replication(H, k.shape[2], N)
-        seq_len = S * N
-        index = full_index(strat.layout, seq_len, N)  # CPU, for FLOP counting
+        index = full_index(strat.layout, S * N, N)  # CPU, for FLOP counting
         index_dev = index.to(q.device)
-        kernel_opts = dict(causal=causal, softmax_scale=softmax_scale, backend=strat.backend)
+        mask = mask_options(causal, window)
+        kernel_opts = dict(softmax_scale=softmax_scale, backend=strat.backend, **mask)
 
         counter = ByteCounter()
         doc_full = None if doc is None else all_gather_cat(doc, group, 1, counter)
@@ -191,35 +176,17 @@ class _UlyssesAttention(torch.autograd.Function):
 
         ctx.save_for_backward(qh, kh, vh, doc_full, out_h, lse, index_dev)
         ctx.strat, ctx.rep, ctx.stats, ctx.kernel_opts = strat, rep, stats, kernel_opts
-        pairs = visible_pairs(
-            index, index, None if doc_full is None else doc_full.cpu(),
-            None if doc_full is None else doc_full.cpu(), causal,
-            batch_size=None if doc is not None else B,
-        )
-        flops = 4.0 * B * (H // N) * D * pairs
-        stats.update(
-            heads_per_rank=H // N,
-            kv_heads_per_rank=kh.shape[2],
-            kv_replication=rep,
-            visible_pairs=pairs,
-            fwd_bytes_sent=counter.sent,
-            fwd_bytes_recv=counter.recv,
-            bwd_bytes_sent=0,
-            bwd_bytes_recv=0,
-            bytes_sent=counter.sent,
-            bytes_recv=counter.recv,
-            attn_flops_fwd=flops,
-            attn_flops_bwd=0.0,
-            attn_flops=flops,
-        )
+        doc_cpu = None if doc_full is None else doc_full.cpu()
+        pairs = visible_pairs(index, index, doc_cpu, doc_cpu, **mask, batch_size=None if doc is not None else B)
+        stats.add_forward(counter, flops=4.0 * B * (H // N) * D * pairs, heads_per_rank=H // N,
+                          kv_heads_per_rank=kh.shape[2], kv_replication=rep, visible_pairs=pairs)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         qh, kh, vh, doc_full, out_h, lse, index_dev = ctx.saved_tensors
-        strat, stats = ctx.strat, ctx.stats
-        N, group = strat.cp_size, strat.group
+        N, group = ctx.strat.cp_size, ctx.strat.group
         counter = ByteCounter()
         dout_h = all_to_all(dout, group, scatter_dim=2, gather_dim=1, counter=counter) if N > 1 else dout
         dqh, dkh, dvh = attention_backward(
@@ -227,16 +194,8 @@ class _UlyssesAttention(torch.autograd.Function):
             q_doc=doc_full, k_doc=doc_full, **ctx.kernel_opts,
         )
         dq, dk, dv = grads_to_seq(dqh, dkh, dvh, group, N, ctx.rep, counter)
-        bwd_flops = 2.5 * stats["attn_flops_fwd"]
-        stats.update(
-            bwd_bytes_sent=counter.sent,
-            bwd_bytes_recv=counter.recv,
-            bytes_sent=stats["fwd_bytes_sent"] + counter.sent,
-            bytes_recv=stats["fwd_bytes_recv"] + counter.recv,
-            attn_flops_bwd=bwd_flops,
-            attn_flops=stats["attn_flops_fwd"] + bwd_flops,
-        )
-        return dq, dk, dv, None, None, None, None, None
+        ctx.stats.add_backward(counter)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 @register("ulysses")
@@ -251,8 +210,8 @@ class UlyssesAttention(CPStrategy):
 
     name = "ulysses"
 
-    def attention(self, q, k, v, *, doc_ids=None, causal=True, softmax_scale=None):
-        check_qkv(q, k, v, doc_ids, "ulysses")
+    def attention(self, q, k, v, *, doc_ids=None, causal=True, window=None, softmax_scale=None):
+        window = self.check_inputs(q, k, v, doc_ids, window)
         kv_replication(q.shape[2], k.shape[2], self.cp_size)  # clear error before any collective
-        self.last_stats = {}
-        return _UlyssesAttention.apply(q, k, v, doc_ids, self, causal, softmax_scale, self.last_stats)
+        self.last_stats = StrategyStats()
+        return _UlyssesAttention.apply(q, k, v, doc_ids, self, causal, window, softmax_scale, self.last_stats)

@@ -6,9 +6,9 @@ For every nano-batch, this rank
    K/V of its tokens that those tasks need (one flat ``all_to_all_single``
    with uneven splits; per destination ``[Q tokens, K|V tokens]``);
 2. as a server, runs ONE kernel call over everything it received: the tasks
-   are concatenated along the sequence, every token carries its document-order
+   are concatenated along the sequence, every token carries its global token
    index and its document key as doc id, so the document mask keeps tasks
-   apart and the causal mask works inside each document. A document with
+   apart and the causal (and sliding-window) mask works inside each document. A document with
    several tasks on one server forms one segment whose key range is the
    union of theirs (a prefix). A task sees its whole key range, so no LSE
    merge is needed;
@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 
 from ...kernels import attention_backward, attention_forward
+from ..ring import _acc_dtype
+from ..strategy import mask_options
 from .planner import Plan
 from .tasks import ranges_to_index, repeat_values
 
@@ -90,9 +92,16 @@ def build_exchanges(plan: Plan, rank: int, device=None) -> list[Exchange]:
     def idx(starts, lengths):
         return ranges_to_index(starts, lengths, device)
 
-    def delivered(ends_list, n):
-        lo = max(ends_list[:n], default=0)
-        return lo, max(lo, ends_list[n])
+    def kv_pieces(srv_ends, holder, n):
+        """(key, run, x, y): pieces of the K/V nano n delivers to a server (its `srv_ends`) held by `holder`."""
+        for key in sorted(srv_ends):
+            doc, e = srv_ends[key]
+            if holder not in doc.ranks:
+                continue
+            lo = max(e[:n], default=0)
+            for run, x, y in doc.pieces(lo, max(lo, e[n])):
+                if run.rank == holder:
+                    yield key, run, x, y
 
     out = []
     store_pieces: dict[int, list[tuple[int, int, int]]] = {}  # doc key -> (lo, hi, store offset)
@@ -108,17 +117,10 @@ def build_exchanges(plan: Plan, rank: int, device=None) -> list[Exchange]:
                     sq_start.append(t.q_flat_start())
                     sq_len.append(t.b - t.a)
                     sq_counts[srv] += t.b - t.a
-            srv_ends = ends.get(srv, {})
-            for key in sorted(srv_ends):
-                doc, e = srv_ends[key]
-                if rank not in doc.ranks:
-                    continue
-                lo, hi = delivered(e, n)
-                for run, x, y in doc.pieces(lo, hi):
-                    if run.rank == rank:
-                        skv_start.append(run.flat_start + (x - run.doc_start))
-                        skv_len.append(y - x)
-                        skv_counts[srv] += y - x
+            for _, run, x, y in kv_pieces(ends.get(srv, {}), rank, n):
+                skv_start.append(run.flat_start + (x - run.doc_start))
+                skv_len.append(y - x)
+                skv_counts[srv] += y - x
         # -- server side: where each received token lands -----------------------------
         mine = by_sn.get((rank, n), [])
         rq_counts = [0] * N
@@ -135,22 +137,16 @@ def build_exchanges(plan: Plan, rank: int, device=None) -> list[Exchange]:
         rkv_counts = [0] * N
         kv_store_offset = store_len
         for s in range(N):
-            for key in sorted(my_ends):
-                doc, e = my_ends[key]
-                if s not in doc.ranks:
-                    continue
-                lo, hi = delivered(e, n)
-                for run, x, y in doc.pieces(lo, hi):
-                    if run.rank == s:
-                        store_pieces.setdefault(key, []).append((x, y, store_len))
-                        store_len += y - x
-                        rkv_counts[s] += y - x
+            for key, run, x, y in kv_pieces(my_ends, s, n):
+                store_pieces.setdefault(key, []).append((x, y, store_len, run.position(x)))
+                store_len += y - x
+                rkv_counts[s] += y - x
         # -- kernel order ----------------------------------------------------------------
         qg_start, qg_len, qi_start, q_keys = [], [], [], []
         for t in mine:  # already by (doc key, a)
             qg_start.append(q_off[id(t)])
             qg_len.append(t.b - t.a)
-            qi_start.append(t.a)
+            qi_start.append(t.run.position(t.a))
             q_keys.append(t.doc.key)
         kg_start, kg_len, ki_start, k_keys = [], [], [], []
         for key in sorted(my_ends):
@@ -158,13 +154,12 @@ def build_exchanges(plan: Plan, rank: int, device=None) -> list[Exchange]:
             need = e[n]
             if need == 0:
                 continue
-            for x, y, so in sorted(store_pieces.get(key, ())):
+            for x, y, so, pos in sorted(store_pieces.get(key, ())):
                 if x >= need:
                     break
-                y2 = min(y, need)
                 kg_start.append(so)
-                kg_len.append(y2 - x)
-                ki_start.append(x)
+                kg_len.append(min(y, need) - x)
+                ki_start.append(pos)
                 k_keys.append(key)
         ex = Exchange(
             nano=n,
@@ -249,10 +244,6 @@ def _split(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(flat, sizes)) if sizes else []
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------
@@ -262,14 +253,15 @@ class CADAttention(torch.autograd.Function):
     """out = exact attention of this rank's q over the key ranges of its tasks (see module doc)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, exchanges, group, rank, world, causal, softmax_scale, backend, ping_pong, stats):
+    def forward(ctx, q, k, v, exchanges, group, rank, world, causal, window, softmax_scale, backend, ping_pong,
+                stats):
         B, S, H, D = q.shape
         Hkv = k.shape[2]
         HD, KVD = H * D, 2 * Hkv * D
         q_flat = q.reshape(B * S, H, D)
         kv_flat = torch.cat([k, v], dim=2).reshape(B * S, 2 * Hkv, D)
         comm = _Comm(group, rank, world)
-        opts = dict(causal=causal, softmax_scale=softmax_scale, backend=backend)
+        opts = dict(softmax_scale=softmax_scale, backend=backend, **mask_options(causal, window))
 
         # 1. post every nano-batch's dispatch: per destination one flat buffer [Q | K,V]
         posted = []
@@ -323,16 +315,9 @@ class CADAttention(torch.autograd.Function):
         ctx.opts, ctx.shapes, ctx.stats = opts, (B, S, H, Hkv, D), stats
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         pairs = sum(ex.pairs for ex in exchanges)
-        flops = 4.0 * H * D * pairs
-        stats.update(
-            visible_pairs=pairs,
-            fwd_bytes_sent=comm.sent, fwd_bytes_recv=comm.recv, bwd_bytes_sent=0, bwd_bytes_recv=0,
-            bytes_sent=comm.sent, bytes_recv=comm.recv,
-            attn_flops_fwd=flops, attn_flops_bwd=0.0, attn_flops=flops,
-            fwd_exposed_comm_ms=comm.exposed_ms(), bwd_exposed_comm_ms=0.0,
-            fwd_compute_ms=compute_s * 1e3,
-        )
-        stats["exposed_comm_ms"] = stats["fwd_exposed_comm_ms"]
+        exposed = comm.exposed_ms()
+        stats.add_forward(comm, flops=4.0 * H * D * pairs, visible_pairs=pairs, fwd_exposed_comm_ms=exposed,
+                          bwd_exposed_comm_ms=0.0, exposed_comm_ms=exposed, fwd_compute_ms=compute_s * 1e3)
         return out_flat.view(B, S, H, D)
 
     @staticmethod
@@ -402,12 +387,7 @@ class CADAttention(torch.autograd.Function):
         dk, dv = dkv[:, :, :Hkv].to(kdt), dkv[:, :, Hkv:].to(vdt)
         ctx.saved_kernel = ctx.kv_store = None
 
-        bwd_flops = 2.5 * stats["attn_flops_fwd"]
-        stats.update(
-            bwd_bytes_sent=comm.sent, bwd_bytes_recv=comm.recv,
-            bytes_sent=stats["fwd_bytes_sent"] + comm.sent, bytes_recv=stats["fwd_bytes_recv"] + comm.recv,
-            attn_flops_bwd=bwd_flops, attn_flops=stats["attn_flops_fwd"] + bwd_flops,
-            bwd_exposed_comm_ms=comm.exposed_ms(), bwd_compute_ms=compute_s * 1e3,
-        )
-        stats["exposed_comm_ms"] = stats["fwd_exposed_comm_ms"] + stats["bwd_exposed_comm_ms"]
-        return (dq_flat.view(B, S, H, D), dk.contiguous(), dv.contiguous()) + (None,) * 9
+        exposed = comm.exposed_ms()
+        stats.add_backward(comm, bwd_exposed_comm_ms=exposed, bwd_compute_ms=compute_s * 1e3,
+                           exposed_comm_ms=stats["fwd_exposed_comm_ms"] + exposed)
+        return (dq_flat.view(B, S, H, D), dk.contiguous(), dv.contiguous()) + (None,) * 10

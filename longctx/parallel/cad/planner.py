@@ -25,16 +25,18 @@ exchanging it. Cost is O(tasks log tasks + moves * candidates).
 
 After balancing, each server's tasks are split into two nano-batches of
 equal FLOPs (ping-pong): its own tasks first, then the ones it received.
+
+With a sliding window every pair count (loads, cuts, nano-batch halves) is the
+window's (`tasks.Mask`), so the balance is that of the work really done.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from dataclasses import dataclass, field
 
-from .tasks import CostModel, Doc, Task, initial_tasks, kv_end, pairs_in
+from .tasks import CostModel, Doc, Mask, Task, initial_tasks, kv_end
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Plan:
     moves: int = 0
     pairs_moved: int = 0
     notes: dict = field(default_factory=dict)
+    window: int | None = None
 
     @staticmethod
     def _imbalance(loads: list[int]) -> float:
@@ -113,27 +116,29 @@ class Plan:
         return sent, recv
 
 
-def plan(docs: list[Doc], num_servers: int, *, causal: bool = True, cost: CostModel,
+def plan(docs: list[Doc], num_servers: int, *, causal: bool = True, window: int | None = None, cost: CostModel,
          tolerance: float = 0.05, max_shard_tokens: int = 8192, min_shard_tokens: int = 128,
          ping_pong: bool = True, fill: float = 0.5, candidates: int = 8, dest_candidates: int = 4) -> Plan:
     """Plan one attention call for ``num_servers`` servers; see the module docstring."""
     t0 = time.perf_counter()
     N = num_servers
-    tasks = initial_tasks(docs, max_shard_tokens, causal)
+    mask = Mask(causal, window)
+    tasks = initial_tasks(docs, max_shard_tokens, causal, window)
     loads = [0] * N
     for t in tasks:
         loads[t.server] += t.pairs
     before = list(loads)
     gran = cut_granularity(sum(d.length for d in docs), N, min_shard_tokens)
-    bal = _Balancer(tasks, loads, N, causal, cost, tolerance, fill, gran, candidates, dest_candidates)
+    bal = _Balancer(tasks, loads, N, mask, cost, tolerance, fill, gran, candidates, dest_candidates)
     bal.run()
     tasks = bal.tasks
     nanos = 2 if ping_pong else 1
     if ping_pong:
-        tasks = _split_nanos(tasks, N, causal, gran)
+        tasks = _split_nanos(tasks, N, mask, gran)
     tasks.sort(key=lambda t: (t.server, t.nano, t.doc.key, t.a))
     ms = (time.perf_counter() - t0) * 1e3
-    return Plan(docs, tasks, N, causal, nanos, cost, before, list(bal.loads), ms, bal.moves, bal.pairs_moved)
+    return Plan(docs, tasks, N, causal, nanos, cost, before, list(bal.loads), ms, bal.moves, bal.pairs_moved,
+                window=window)
 
 
 def cut_granularity(tokens: int, num_servers: int, min_shard_tokens: int) -> int:
@@ -144,8 +149,9 @@ def cut_granularity(tokens: int, num_servers: int, min_shard_tokens: int) -> int
 
 
 class _Balancer:
-    def __init__(self, tasks, loads, N, causal, cost, tolerance, fill, gran, candidates, dest_candidates):
-        self.tasks, self.loads, self.N, self.causal = tasks, loads, N, causal
+    def __init__(self, tasks, loads, N, mask: Mask, cost, tolerance, fill, gran, candidates, dest_candidates):
+        self.tasks, self.loads, self.N = tasks, loads, N
+        self.mask, self.causal = mask, mask.causal
         self.qc, self.kc = cost.q_cost, cost.kv_cost
         self.gran, self.M, self.K = gran, candidates, dest_candidates
         total = sum(loads)
@@ -157,7 +163,7 @@ class _Balancer:
         # doc key -> {server: end of the key range that server already receives/holds}
         self.holders: dict[int, dict[int, int]] = {}
         for t in tasks:
-            self._hold(t.doc.key, t.server, kv_end(t.b, t.doc.length, causal))
+            self._hold(t.doc.key, t.server, kv_end(t.b, t.doc.length, self.causal))
 
     def _hold(self, key, server, e):
         h = self.holders.setdefault(key, {})
@@ -183,32 +189,13 @@ class _Balancer:
 
     def _head_cut(self, t: Task, amt: int):
         """Largest m (multiple of gran) with pairs(a, m) <= amt, or None."""
-        a, b, L = t.a, t.b, t.doc.length
-        if self.causal:
-            K = 2 * amt + a * (a + 1)
-            m = (math.isqrt(1 + 4 * K) - 1) // 2
-        else:
-            m = a + amt // max(L, 1)
-        m = min(m, b)
-        m = (m // self.gran) * self.gran
-        return m if a < m < b else None
+        m = (self.mask.head_end(t.doc, t.a, t.b, amt) // self.gran) * self.gran
+        return m if t.a < m < t.b else None
 
     def _tail_cut(self, t: Task, amt: int):
         """Smallest m (multiple of gran) with pairs(m, b) <= amt, or None."""
-        a, b, L = t.a, t.b, t.doc.length
-        if self.causal:
-            K = b * (b + 1) - 2 * amt
-            if K <= 0:
-                m = 0
-            else:
-                m = (math.isqrt(1 + 4 * K) - 1) // 2
-                while m * (m + 1) < K:
-                    m += 1
-        else:
-            m = b - amt // max(L, 1)
-        m = max(m, a)
-        m = -(-m // self.gran) * self.gran
-        return m if a < m < b else None
+        m = -(-self.mask.tail_start(t.doc, t.a, t.b, amt) // self.gran) * self.gran
+        return m if t.a < m < t.b else None
 
     def options(self, t: Task, dest: int, amt: int):
         """(bytes/pair, -pairs, x, y) candidates for moving at most `amt` pairs of `t` to `dest`."""
@@ -217,15 +204,14 @@ class _Balancer:
         if t.pairs <= amt:
             return [(self.bytes_for(t, t.a, t.b, dest) / t.pairs, -t.pairs, t.a, t.b)]
         out = []
-        L = t.doc.length
         m = self._head_cut(t, amt)
         if m is not None:
-            p = pairs_in(t.a, m, L, self.causal)
+            p = self.mask.pairs(t.doc, t.a, m)
             if p > 0:
                 out.append((self.bytes_for(t, t.a, m, dest) / p, -p, t.a, m))
         m = self._tail_cut(t, amt)
         if m is not None:
-            p = pairs_in(m, t.b, L, self.causal)
+            p = self.mask.pairs(t.doc, m, t.b)
             if p > 0:
                 out.append((self.bytes_for(t, m, t.b, dest) / p, -p, m, t.b))
         return out
@@ -319,12 +305,12 @@ class _Balancer:
             moved, new = t, None
             t.server = dest
         else:
-            new = Task(t.doc, t.run, x, y, dest, causal)
+            new = self.mask.task(t.doc, t.run, x, y, dest)
             if x == t.a:
                 t.a = y
             else:
                 t.b = x
-            t.pairs = pairs_in(t.a, t.b, t.doc.length, causal)
+            t.pairs = self.mask.pairs(t.doc, t.a, t.b)
             moved = new
         self.loads[src] -= moved.pairs
         self.loads[dest] += moved.pairs
@@ -337,7 +323,7 @@ class _Balancer:
         return new
 
 
-def _split_nanos(tasks: list[Task], N: int, causal: bool, gran: int) -> list[Task]:
+def _split_nanos(tasks: list[Task], N: int, mask: Mask, gran: int) -> list[Task]:
     """Two nano-batches per server with (nearly) equal pairs: own tasks first, then received ones.
 
     At most one task per server is cut in two (at a multiple of ``gran``).
@@ -357,18 +343,11 @@ def _split_nanos(tasks: list[Task], N: int, causal: bool, gran: int) -> list[Tas
             elif cum + t.pairs <= half:
                 t.nano = 0
             else:  # straddles the middle: cut it so both halves get their share
-                need = int(half - cum)
-                L = t.doc.length
-                if causal:
-                    K = 2 * need + t.a * (t.a + 1)
-                    m = (math.isqrt(1 + 4 * K) - 1) // 2
-                else:
-                    m = t.a + need // max(L, 1)
-                m = (min(m, t.b) // gran) * gran
+                m = (mask.head_end(t.doc, t.a, t.b, int(half - cum)) // gran) * gran
                 if t.a < m < t.b:
-                    head = Task(t.doc, t.run, t.a, m, s, causal, nano=0)
+                    head = mask.task(t.doc, t.run, t.a, m, s, nano=0)
                     t.a = m
-                    t.pairs = pairs_in(t.a, t.b, L, causal)
+                    t.pairs = mask.pairs(t.doc, t.a, t.b)
                     t.nano = 1
                     out.append(head)
                 else:

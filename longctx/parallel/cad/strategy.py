@@ -33,7 +33,9 @@ Scopes:
 
 Each call: gather every rank's run-length-encoded doc ids (two small
 all-gathers), plan (deterministic, same on every rank), build this rank's
-index tensors, run the dispatch (`dispatch.CADAttention`). Plans are cached:
+index tensors, run the dispatch (`dispatch.CADAttention`). A sliding ``window``
+is planned for (pair counts, hence the balance, are the window's) and masked by
+the kernels with global token indices. Plans are cached:
 when every rank's doc ids, shapes and dtype equal the previous call's (one
 1-element all-reduce decides), the plan is reused -- so the layers of one step
 plan once.
@@ -46,7 +48,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..layouts import Layout
+from ..layouts import ContiguousLayout
+from ..stats import StrategyStats
 from ..strategy import CPStrategy, register
 from .dispatch import CADAttention, build_exchanges
 from .planner import plan as make_plan
@@ -55,7 +58,7 @@ from .tasks import CostModel, docs_from_runs, local_runs
 SCOPES = ("cp", "dp")
 
 
-class RowLayout(Layout):
+class RowLayout(ContiguousLayout):
     """Scope "dp": ``row_size`` consecutive ranks of the group share a row, each holding a
     contiguous slice in rank order (``row_size=1``: every rank holds its whole row, and
     shard/unshard are the identity)."""
@@ -68,18 +71,8 @@ class RowLayout(Layout):
         self.row_size = row_size
         self.cp_size, self.cp_rank = row_size, self.group_rank % row_size
 
-    def token_index(self, seq_len: int, rank: int | None = None, device=None) -> torch.Tensor:
-        self.check_seq_len(seq_len)
-        rank = self.cp_rank if rank is None else rank
-        n = seq_len // self.cp_size
-        return torch.arange(rank * n, (rank + 1) * n, dtype=torch.int64, device=device)
-
     def shard(self, full: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        if self.cp_size == 1:
-            return full
-        self.check_seq_len(full.shape[dim])
-        n = full.shape[dim] // self.cp_size
-        return full.narrow(dim, self.cp_rank * n, n).contiguous()
+        return full if self.cp_size == 1 else super().shard(full, dim)
 
     def unshard(self, local: torch.Tensor, dim: int = 1) -> torch.Tensor:
         if self.cp_size == 1:
@@ -170,10 +163,10 @@ class CADAttentionStrategy(CPStrategy):
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
-    def runtime(self, q, k, doc_ids, causal) -> tuple[_Runtime, bool]:
+    def runtime(self, q, k, doc_ids, causal, window=None) -> tuple[_Runtime, bool]:
         """The plan and exchanges for this call (cached when nothing changed on any rank)."""
         B, S, H, D = q.shape
-        key = (tuple(q.shape), tuple(k.shape), q.dtype, str(q.device), bool(causal), doc_ids is None)
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, str(q.device), bool(causal), window, doc_ids is None)
         c = self._cache
         hit = c is not None and c.key == key and (
             doc_ids is None or (c.doc is not None and c.doc.shape == doc_ids.shape
@@ -190,7 +183,7 @@ class CADAttentionStrategy(CPStrategy):
                                  f"got seq {seqs[first:first + R]}, batch {batches[first:first + R]}")
         docs = docs_from_runs(all_runs, seqs, R)
         cost = CostModel.for_shapes(H, k.shape[2], D, q.element_size())
-        p = make_plan(docs, self.cp_size, causal=causal, cost=cost, tolerance=self.tolerance,
+        p = make_plan(docs, self.cp_size, causal=causal, window=window, cost=cost, tolerance=self.tolerance,
                       max_shard_tokens=self.max_shard_tokens, min_shard_tokens=self.min_shard_tokens,
                       ping_pong=self.ping_pong)
         exchanges = build_exchanges(p, self.cp_rank, device=q.device)
@@ -200,27 +193,13 @@ class CADAttentionStrategy(CPStrategy):
         return self._cache, False
 
     # -- attention -----------------------------------------------------------------------------
-    def attention(self, q, k, v, *, doc_ids=None, causal=True, softmax_scale=None):
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise ValueError(
-                f"q, k, v must be [B, S_local, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-            raise ValueError(f"cad: k and v must be [B, S_local, H_kv, D] like q {tuple(q.shape)}, "
-                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
-        if q.shape[2] % k.shape[2] != 0:
-            raise ValueError(f"cad: q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]})")
-        if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
-            raise ValueError(f"doc_ids must be [B, S_local] = {tuple(q.shape[:2])}, got {tuple(doc_ids.shape)}")
-        rt, cached = self.runtime(q, k, doc_ids, causal)
+    def attention(self, q, k, v, *, doc_ids=None, causal=True, window=None, softmax_scale=None):
+        window = self.check_inputs(q, k, v, doc_ids, window)
+        rt, cached = self.runtime(q, k, doc_ids, causal, window)
         p = rt.plan
-        self.last_stats = {
-            "imbalance_before": p.imbalance_before,
-            "imbalance_after": p.imbalance_after,
-            "planner_ms": rt.planner_ms,
-            "plan_build_ms": rt.build_ms,
-            "plan_cached": int(cached),
-            "tasks": len(p.tasks),
-            "moved_pairs_frac": rt.moved_frac,
-        }
-        return CADAttention.apply(q, k, v, rt.exchanges, self.group, self.cp_rank, self.cp_size, causal,
+        self.last_stats = StrategyStats().note(
+            imbalance_before=p.imbalance_before, imbalance_after=p.imbalance_after, planner_ms=rt.planner_ms,
+            plan_build_ms=rt.build_ms, plan_cached=int(cached), tasks=len(p.tasks), moved_pairs_frac=rt.moved_frac,
+        )
+        return CADAttention.apply(q, k, v, rt.exchanges, self.group, self.cp_rank, self.cp_size, causal, window,
                                   softmax_scale, self.backend, self.ping_pong, self.last_stats)

@@ -16,22 +16,43 @@ when they are not adjacent (that is what the attention mask says).
 
 Costs are counted in visible query-key pairs (attention FLOPs are
 ``4 * H * D * pairs`` forward, 2.5x that backward), traffic in bytes.
+
+Sliding windows: a query sees only keys less than ``window`` tokens before it
+(global token index, so tokens of one document that are not adjacent in the
+row are as far apart as in the row). Pair counts follow (`Mask`); the key
+range a task needs is still the document prefix (K/V outside the window are
+delivered but masked), so traffic does not depend on the window.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass
 
 import torch
 
 
-def pairs_in(a: int, b: int, length: int, causal: bool) -> int:
-    """Visible pairs of the queries ``[a, b)`` (document order) of a document of ``length`` tokens."""
+def _tri(n: int) -> int:
+    return n * (n + 1) // 2 if n > 0 else 0
+
+
+def pairs_in(a: int, b: int, length: int, causal: bool, window: int | None = None) -> int:
+    """Visible pairs of the queries ``[a, b)`` (document order) of a document of ``length``
+    contiguous tokens, with an optional sliding ``window``."""
     if b <= a:
         return 0
-    if causal:  # query i sees keys 0..i: sum_{i=a}^{b-1} (i + 1)
-        return (b * (b + 1) - a * (a + 1)) // 2
-    return (b - a) * length
+    if window is None:
+        if causal:  # query i sees keys 0..i: sum_{i=a}^{b-1} (i + 1)
+            return _tri(b) - _tri(a)
+        return (b - a) * length
+    W = window
+    if causal:  # query i sees min(i + 1, W) keys; F(n) = sum over the first n queries
+        def F(n):
+            return _tri(n) if n <= W else _tri(W) + (n - W) * W
+        return F(b) - F(a)
+    # query i sees keys [max(0, i - W + 1), length): length - max(0, i - W + 1)
+    return (b - a) * length - (_tri(b - W) - _tri(a - W))
 
 
 def kv_end(b: int, length: int, causal: bool) -> int:
@@ -42,28 +63,56 @@ def kv_end(b: int, length: int, causal: bool) -> int:
 @dataclass(frozen=True)
 class Run:
     """Tokens ``[doc_start, doc_start + length)`` (document order) of a document, held by
-    ``rank`` at local flat positions ``[flat_start, flat_start + length)`` (flat = b * S_local + s)."""
+    ``rank`` at local flat positions ``[flat_start, flat_start + length)`` (flat = b * S_local + s).
+
+    ``row_pos``: global token index (position in the row) of the run's first token;
+    None = the document is contiguous and positions are document-order indices."""
 
     rank: int
     flat_start: int
     doc_start: int
     length: int
+    row_pos: int | None = None
 
     @property
     def doc_end(self) -> int:
         return self.doc_start + self.length
 
+    def position(self, x: int) -> int:
+        """Global token index of document token ``x`` (inside this run): what the kernel masks with."""
+        return (x if self.row_pos is None else self.row_pos + (x - self.doc_start))
+
 
 class Doc:
     """One document of the group: ``key`` (dense id, same on every rank), ``length``, ``runs``."""
 
-    __slots__ = ("key", "length", "runs", "_ranks")
+    __slots__ = ("key", "length", "runs", "_ranks", "contiguous", "_cum")
 
     def __init__(self, key: int, runs: list[Run]):
         self.key = key
         self.runs = runs
         self.length = sum(r.length for r in runs)
         self._ranks = {r.rank for r in runs}
+        # Adjacent in the row (window distances = document-order distances)?
+        self.contiguous = all(r.row_pos is None or s.row_pos is None or s.row_pos == r.row_pos + r.length
+                              for r, s in zip(runs, runs[1:]))
+        self._cum: dict = {}
+
+    def pairs(self, a: int, b: int, causal: bool, window: int | None = None) -> int:
+        """Visible pairs of the queries ``[a, b)`` (document order) of this document."""
+        if window is None or self.contiguous:
+            return pairs_in(a, b, self.length, causal, window)
+        if b <= a:
+            return 0
+        cum = self._cum.get((causal, window))
+        if cum is None:  # runs far apart in the row: count with the global positions
+            pos = [r.position(x) for r in self.runs for x in range(r.doc_start, r.doc_end)]
+            cum = [0]
+            for i, p in enumerate(pos):
+                lo = bisect.bisect_right(pos, p - window)  # first key inside the window
+                cum.append(cum[-1] + (i + 1 if causal else self.length) - lo)
+            self._cum[(causal, window)] = cum
+        return cum[b] - cum[a]
 
     @property
     def ranks(self) -> set[int]:
@@ -96,10 +145,11 @@ class Task:
 
     __slots__ = ("doc", "run", "a", "b", "server", "nano", "pairs")
 
-    def __init__(self, doc: Doc, run: Run, a: int, b: int, server: int, causal: bool, nano: int = 0):
+    def __init__(self, doc: Doc, run: Run, a: int, b: int, server: int, causal: bool, nano: int = 0,
+                 window: int | None = None):
         self.doc, self.run, self.a, self.b = doc, run, a, b
         self.server, self.nano = server, nano
-        self.pairs = pairs_in(a, b, doc.length, causal)
+        self.pairs = doc.pairs(a, b, causal, window)
 
     @property
     def owner(self) -> int:
@@ -114,6 +164,52 @@ class Task:
     def __repr__(self) -> str:
         return (f"Task(doc={self.doc.key}, [{self.a}, {self.b}), owner={self.owner}, "
                 f"server={self.server}, nano={self.nano}, pairs={self.pairs})")
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Causal flag and sliding window of one call: pair counts and the cuts the planner makes."""
+
+    causal: bool = True
+    window: int | None = None
+
+    def pairs(self, doc: Doc, a: int, b: int) -> int:
+        return doc.pairs(a, b, self.causal, self.window)
+
+    def task(self, doc: Doc, run: Run, a: int, b: int, server: int, nano: int = 0) -> "Task":
+        return Task(doc, run, a, b, server, self.causal, nano, self.window)
+
+    def head_end(self, doc: Doc, a: int, b: int, amt: int) -> int:
+        """Largest m in [a, b] with pairs(a, m) <= amt."""
+        if self.window is None:
+            if self.causal:
+                m = (math.isqrt(1 + 4 * (2 * amt + a * (a + 1))) - 1) // 2
+            else:
+                m = a + amt // max(doc.length, 1)
+            return min(m, b)
+        lo, hi = a, b
+        while lo < hi:  # pairs(a, m) grows with m
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.pairs(doc, a, mid) <= amt else (lo, mid - 1)
+        return lo
+
+    def tail_start(self, doc: Doc, a: int, b: int, amt: int) -> int:
+        """Smallest m in [a, b] with pairs(m, b) <= amt."""
+        if self.window is None:
+            if not self.causal:
+                return max(b - amt // max(doc.length, 1), a)
+            K = b * (b + 1) - 2 * amt
+            m = 0
+            if K > 0:
+                m = (math.isqrt(1 + 4 * K) - 1) // 2
+                while m * (m + 1) < K:
+                    m += 1
+            return max(m, a)
+        lo, hi = a, b
+        while lo < hi:  # pairs(m, b) shrinks as m grows
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.pairs(doc, mid, b) <= amt else (mid + 1, hi)
+        return lo
 
 
 @dataclass(frozen=True)
@@ -185,8 +281,8 @@ def docs_from_runs(rank_runs: list[list[tuple[int, int, int, int]]], seq_local: 
     for key in sorted(found):
         pieces = sorted(found[key])
         runs, pos = [], 0
-        for _, rank, flat, n in pieces:
-            runs.append(Run(rank, flat, pos, n))
+        for row_pos, rank, flat, n in pieces:
+            runs.append(Run(rank, flat, pos, n, row_pos))
             pos += n
         docs.append(Doc(len(docs), runs))
     return docs
@@ -198,12 +294,12 @@ def docs_from_lengths(rank_lengths: list[list[int]]) -> list[Doc]:
     for rank, lengths in enumerate(rank_lengths):
         flat = 0
         for n in lengths:
-            docs.append(Doc(len(docs), [Run(rank, flat, 0, int(n))]))
+            docs.append(Doc(len(docs), [Run(rank, flat, 0, int(n), flat)]))
             flat += int(n)
     return docs
 
 
-def initial_tasks(docs: list[Doc], max_shard_tokens: int, causal: bool) -> list[Task]:
+def initial_tasks(docs: list[Doc], max_shard_tokens: int, causal: bool, window: int | None = None) -> list[Task]:
     """Query shards in place: each run cut at multiples of ``max_shard_tokens`` (document order)."""
     tasks = []
     step = max(1, int(max_shard_tokens))
@@ -212,7 +308,7 @@ def initial_tasks(docs: list[Doc], max_shard_tokens: int, causal: bool) -> list[
             a = run.doc_start
             while a < run.doc_end:
                 b = min(run.doc_end, (a // step + 1) * step)
-                tasks.append(Task(doc, run, a, b, run.rank, causal))
+                tasks.append(Task(doc, run, a, b, run.rank, causal, window=window))
                 a = b
     return tasks
 
