@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class MemorySectionConfig:
     """`model.memory`: gated memory layers (Titans / GSA / FIFO), see longctx/models/memory."""
 
-    type: str = "none"  # none | titans | gsa | fifo
+    type: str = "none"  # none | a memory module (longctx.models.memory.MEMORY_MODULES)
     variant: str = "mal"  # mac (memory as context) | mag (memory as gate) | mal (memory as a layer)
     layers: Optional[list[int]] = None  # memory layer indices (negative = from the end); None = all
     chunk_size: int = 0  # memory chunk (MAC segment); 0 = the module's default
@@ -83,7 +83,7 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     cp: int = 2  # context-parallel size; dp = workers / cp
-    strategy: str = "ring"  # ring | zigzag | striped | burst | ulysses | hybrid | cad | auto
+    strategy: str = "ring"  # a CP strategy (longctx.parallel.STRATEGIES) or auto
     options: dict[str, Any] = field(default_factory=dict)  # strategy-specific options
     cad_scope: str = "cp"  # cad only: "cp" = balance within a cp group, "dp" = across data-parallel ranks
     node_size: int = 0  # ranks per node for topology-aware strategies; 0 = from the launch (LOCAL_WORLD_SIZE)
@@ -177,22 +177,37 @@ class Config:
 # Keys whose values are free-form mappings handed to another system.
 _FREE_FORM = {"parallel.options", "deepspeed.config", "model.memory.options"}
 
-_CHOICES = {
+# Values owned by this schema; the others come from the registries that own them (`choices`).
+_OWN_CHOICES = {
     "launcher": ("ray", "local"),
-    "model.attention_backend": ("auto", "torch", "triton"),
-    "model.memory.type": ("none", "titans", "gsa", "fifo"),
-    "model.memory.variant": ("mac", "mag", "mal"),
     "data.source": ("synthetic", "files", "hf"),
-    "data.task": ("passkey", "mqar", "lm", "mix"),
-    "data.format": (None, "json", "jsonl", "parquet", "txt"),
-    "train.engine": ("deepspeed", "ddp"),
-    "parallel.strategy": ("ring", "zigzag", "striped", "burst", "ulysses", "hybrid", "cad", "auto"),
     "parallel.cad_scope": ("cp", "dp"),
     "train.dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
 }
+
+
+def choices() -> dict[str, tuple]:
+    """Allowed values of every enumerated key. Names of strategies, memory modules, kernel
+    backends, engines, tasks and file formats come from their registries (imported here, on
+    use: everything imports this module)."""
+    from longctx.kernels import BACKENDS
+    from longctx.models.memory import MEMORY_MODULES, VARIANTS
+    from longctx.parallel.strategy import STRATEGIES
+    from longctx.trainer.engine import ENGINES
+    from longctx.trainer.sources import FORMATS
+    from longctx.trainer.synthetic import TASKS
+
+    return {**_OWN_CHOICES,
+            "model.attention_backend": BACKENDS,
+            "model.memory.type": ("none",) + tuple(MEMORY_MODULES),
+            "model.memory.variant": tuple(VARIANTS),
+            "data.task": tuple(TASKS),
+            "data.format": (None,) + tuple(FORMATS),
+            "train.engine": tuple(ENGINES),
+            "parallel.strategy": tuple(STRATEGIES) + ("auto",)}
 
 
 def _schema_keys(cls=Config, prefix: str = "") -> dict[str, Any]:
@@ -306,9 +321,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     flat = to_flat_dict(cfg)
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            shown = ", ".join(repr(c) if c is None else str(c) for c in choices)
+    for key, allowed in choices().items():
+        if flat[key] not in allowed:
+            shown = ", ".join(repr(c) if c is None else str(c) for c in allowed)
             raise ConfigError(f"config key '{key}' = {flat[key]!r}: expected one of {shown}")
     positive = ["model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "data.seq_len",
                 "parallel.cp", "train.steps", "train.micro_batch_size", "train.grad_accum",
@@ -327,10 +342,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"parallel.cp={cfg.parallel.cp} does not divide ray.num_workers={cfg.ray.num_workers}: "
             f"the workers form data-parallel groups of cp ranks each")
-    uses_memory_model = cfg.model.memory.type != "none" or cfg.model.memory.swa_layers
-    if uses_memory_model and cfg.parallel.cp > 1 and cfg.parallel.strategy != "ring":
+    if cfg.model.memory.type != "none" and cfg.parallel.cp > 1 and cfg.parallel.strategy != "ring":
         raise ConfigError(f"model.memory needs contiguous sequence slices under context parallelism (memory state "
                           f"passes rank to rank): use parallel.strategy=ring, not {cfg.parallel.strategy!r}")
+    from longctx.models.memory import validate_memory_config
+
+    try:
+        validate_memory_config(cfg.model.memory)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.parallel.strategy == "cad" and cfg.parallel.cad_scope == "dp" and cfg.parallel.cp != 1:
         raise ConfigError(f"parallel.cad_scope=dp balances whole rows across data-parallel ranks, so it needs "
                           f"parallel.cp=1 (got {cfg.parallel.cp}); use parallel.cad_scope=cp to split rows")

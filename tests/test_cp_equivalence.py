@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from distributed_utils import run_distributed
+from longctx.parallel import STRATEGIES
 
 pytestmark = pytest.mark.distributed
 
@@ -92,17 +93,22 @@ def test_cp2_matches_cp1_other_zero_stages(stage, tmp_path):
     _assert_grads_equal(cp2[0]["grads"], base["grads"])
 
 
+# Layer 0 is a sliding-window layer (the window is a mask of every strategy), layer 1 full attention.
+WINDOW = ("model.memory.swa_layers=[0]", "model.memory.window=48")
+
+
 @pytest.fixture(scope="module")
 def cp1_deepspeed_reference(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cp1ref"))
-    return run_distributed(_train_body, 1, "deepspeed", 1, path, timeout=240)[0]
+    return run_distributed(_train_body, 1, "deepspeed", 1, path, WINDOW, timeout=240)[0]
 
 
-@pytest.mark.parametrize("strategy", ["ring", "zigzag", "striped", "burst", "ulysses", "hybrid", "cad"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_trains_like_cp1(strategy, cp1_deepspeed_reference, tmp_path):
-    """The default preset's model and engine (DeepSpeed ZeRO-2, fp32): cp=2 with each strategy
-    gives the cp=1 losses over 4 steps and the cp=1 gradients (rtol 1e-5)."""
-    out = run_distributed(_train_body, 2, "deepspeed", 2, str(tmp_path), (f"parallel.strategy={strategy}",),
+    """The default preset's model and engine (DeepSpeed ZeRO-2, fp32), with a sliding-window
+    layer and a full-attention layer: cp=2 with each strategy gives the cp=1 losses over 4
+    steps and the cp=1 gradients (rtol 1e-5)."""
+    out = run_distributed(_train_body, 2, "deepspeed", 2, str(tmp_path), (f"parallel.strategy={strategy}",) + WINDOW,
                           timeout=300)
     torch.testing.assert_close(out[0]["losses"], cp1_deepspeed_reference["losses"], rtol=RTOL, atol=0)
     _assert_grads_equal(out[0]["grads"], cp1_deepspeed_reference["grads"])

@@ -15,19 +15,14 @@ import json
 import math
 import os
 
-BENCHMARKS = ("kernels", "cp", "cad", "memory", "train")
+BENCHMARKS = ("kernels", "cp", "cad", "memory")
 
 
 def load(name: str):
-    """The benchmark module, or a clear error if this version does not have it."""
-    try:
-        return importlib.import_module(f"longctx.bench.{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"longctx.bench.{name}":
-            have = [b for b in BENCHMARKS if importlib.util.find_spec(f"longctx.bench.{b}") is not None]
-            raise SystemExit(f"longctx: error: benchmark '{name}' is not available in this version; "
-                             f"available: {', '.join(have) or 'none'}") from None
-        raise
+    """The benchmark module `longctx/bench/<name>.py` (a name in BENCHMARKS)."""
+    if name not in BENCHMARKS:
+        raise SystemExit(f"longctx: error: unknown benchmark '{name}'; available: {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"longctx.bench.{name}")
 
 
 def _fmt(value) -> str:

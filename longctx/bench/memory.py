@@ -89,7 +89,6 @@ def _sync(dev):
 def speed(ns) -> dict:
     from longctx.kernels import attention
     from longctx.models.memory import build_memory
-    from longctx.models.memory.hybrid import sliding_window_attention
 
     dev = _device()
     sizes = [int(s) for s in ns.sizes.split(",") if s]
@@ -140,10 +139,8 @@ def speed(ns) -> dict:
         if S > ns.attn_max:
             continue
         q, k, v = (torch.randn(1, S, ns.heads, D, device=dev, requires_grad=True) for _ in range(3))
-        pos = torch.arange(S, device=dev)[None]
-        doc = torch.zeros(1, S, dtype=torch.long, device=dev)
         for label, fn in (("attention (full)", lambda: attention(q, k, v, causal=True)),
-                          ("attention (swa 512)", lambda: sliding_window_attention(q, k, v, pos, doc, 512))):
+                          ("attention (swa 512)", lambda: attention(q, k, v, causal=True, window=512))):
             def f_fwd(fn=fn):
                 with torch.no_grad():
                     fn()
@@ -250,11 +247,12 @@ def _model_specs(window: int, chunk: int) -> dict:
 
 def _build(spec: dict, vocab: int, dim: int, ffn: int):
     from longctx.config import ModelConfig
-    from longctx.models.memory.hybrid import build_hybrid_model
+    from longctx.models.llama import Transformer
+    from longctx.models.memory import MemoryConfig
 
     cfg = ModelConfig(dim=dim, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=ffn, init_std=0.02,
-                      attention_backend="torch")
-    return build_hybrid_model(cfg, vocab, spec)
+                      attention_backend="torch", memory=MemoryConfig.from_any(spec))
+    return Transformer(cfg, vocab)
 
 
 def _equal_size(spec, vocab, dim, target):

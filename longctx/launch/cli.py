@@ -43,16 +43,16 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def dry_run(cfg) -> int:
     """Resolve, build on meta, print the plan; no processes, no files."""
+    from longctx.launch.resolve import resolve_config
     from longctx.models.estimate import plan_text
     from longctx.trainer.tokenizer import build_tokenizer
 
-    from longctx.parallel.auto import apply_auto
-
+    cfg, notes = resolve_config(cfg)
     vocab = cfg.model.vocab_size or build_tokenizer(cfg.data.tokenizer).vocab_size
-    auto_text = apply_auto(cfg)
     print(plan_text(cfg, vocab))
-    if auto_text:
-        print(auto_text)
+    for note in notes:
+        if note.startswith("parallel.strategy=auto"):
+            print(note)
     return 0
 
 
@@ -94,10 +94,7 @@ def _add_bench_parsers(sub) -> None:
                                    "results. Each runs on CPU (gloo, reference kernels) and unchanged on GPUs.")
     bsub = b.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name in bench.BENCHMARKS:
-        try:
-            module = bench.load(name)
-        except SystemExit:
-            continue  # not in this version: `longctx bench --help` lists what is
+        module = bench.load(name)
         p = bsub.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
         p.add_argument("--json", metavar="FILE", help="write the results as JSON")
         p.add_argument("--plot", metavar="FILE.png", help="write a plot of the results")

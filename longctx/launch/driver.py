@@ -18,27 +18,11 @@ from typing import Optional
 
 from longctx.config import Config, ConfigError, from_container, to_container, to_yaml
 from longctx.launch import tracking
-from longctx.parallel.auto import apply_auto
 from longctx.trainer import checkpoint as ckpt
 from longctx.trainer.loop import RunContext
 from longctx.trainer.metrics import setup_logging
 
 logger = logging.getLogger("longctx")
-
-
-def resolve_run_name(cfg: Config) -> str:
-    if cfg.run.name:
-        return cfg.run.name
-    return f"{getattr(cfg, '_preset', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def apply_local_launcher(cfg: Config) -> None:
-    """launcher=local is one process without Ray: a world of one."""
-    if cfg.parallel.cp != 1 or cfg.ray.num_workers != 1:
-        logger.info(f"launcher=local runs one process: using parallel.cp=1 and ray.num_workers=1 "
-                    f"(the config asked for cp={cfg.parallel.cp}, {cfg.ray.num_workers} workers)")
-    cfg.parallel.cp = 1
-    cfg.ray.num_workers = 1
 
 
 def _resume_target(cfg: Config, checkpoint_dir: str) -> Optional[str]:
@@ -56,18 +40,15 @@ def _resume_target(cfg: Config, checkpoint_dir: str) -> Optional[str]:
     return os.path.abspath(mode)
 
 
-def prepare_run(cfg: Config) -> RunContext:
-    """Checks inputs, creates the run folder and the MLflow run. Nothing is written before the checks pass."""
+def prepare_run(cfg: Config, auto_text: str = "") -> RunContext:
+    """Checks inputs, creates the run folder and the MLflow run. Nothing is written before the checks pass.
+    `cfg` is resolved (`resolve_config`); `auto_text` explains an `auto` strategy choice."""
     from longctx.trainer.loop import resolve_vocab_size
     from longctx.trainer.sources import check_data
     from longctx.trainer.tokenizer import build_tokenizer
 
     check_data(cfg.data)
     resolve_vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
-    auto_text = apply_auto(cfg)
-    if auto_text:
-        logger.info(auto_text)
-    cfg.run.name = resolve_run_name(cfg)
     run_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
     checkpoint_dir = os.path.abspath(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"))
     resume = _resume_target(cfg, checkpoint_dir)
@@ -157,10 +138,14 @@ def finish_run(cfg: Config, ctx: RunContext, ok: bool) -> None:
 
 
 def train(cfg: Config) -> int:
+    from longctx.launch.resolve import resolve_config
+
     setup_logging()
-    if cfg.launcher == "local":
-        apply_local_launcher(cfg)
-    ctx = prepare_run(cfg)
+    cfg, notes = resolve_config(cfg)
+    for note in notes:
+        logger.info(note)
+    auto_text = next((n for n in notes if n.startswith("parallel.strategy=auto")), "")
+    ctx = prepare_run(cfg, auto_text)
     logger.info(f"run '{cfg.run.name}' in {ctx.run_dir}")
     if ctx.mlflow_run_id:
         logger.info(f"MLflow run {ctx.mlflow_run_id} at {ctx.tracking_uri}")

@@ -16,24 +16,27 @@ from longctx.config import Config, ModelConfig, ffn_hidden, head_dim
 # --------------------------------------------------------------------------- params
 
 
-def count_params(model_cfg: ModelConfig, vocab_size: int, exclude_embedding: bool = False) -> int:
-    """Parameter count of the real model, built on the meta device (no memory, no init cost),
-    so it can never drift from `Transformer` itself."""
+def _meta_model(model_cfg: ModelConfig, vocab_size: int):
+    """The real model (any block kinds) on the meta device: no memory, no init cost, so
+    counts can never drift from `Transformer` itself."""
     from longctx.models.llama import Transformer
 
     with torch.device("meta"):
-        model = Transformer(model_cfg, vocab_size)
-    return model.num_params(exclude_embedding=exclude_embedding)
+        return Transformer(model_cfg, vocab_size)
+
+
+def count_params(model_cfg: ModelConfig, vocab_size: int, exclude_embedding: bool = False) -> int:
+    """Parameter count of the real model, memory layers included."""
+    return _meta_model(model_cfg, vocab_size).num_params(exclude_embedding=exclude_embedding)
 
 
 def matmul_params(model_cfg: ModelConfig, vocab_size: int) -> int:
-    """Weights that take part in a matmul for every token: all linears of all layers plus
-    the lm head. The embedding lookup is a gather (no FLOPs) and norms are elementwise, so
-    neither counts; a tied lm head counts here as the head it is."""
-    m, d, f = model_cfg, head_dim(model_cfg), ffn_hidden(model_cfg)
-    attn = m.dim * m.n_heads * d + 2 * m.dim * m.n_kv_heads * d + m.n_heads * d * m.dim  # wq, wk, wv, wo
-    mlp = 3 * m.dim * f  # w1, w2, w3
-    return m.n_layers * (attn + mlp) + m.dim * vocab_size
+    """Weights that take part in a matmul for every token: every linear layer of every block
+    (attention, MLP, memory projections and gates) plus the lm head. The embedding lookup is a
+    gather (no FLOPs) and norms are elementwise, so neither counts; a tied lm head counts here
+    as the head it is."""
+    model = _meta_model(model_cfg, vocab_size)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -44,12 +47,45 @@ def causal_pairs_per_token(seq_len: int) -> float:
     return (seq_len + 1) / 2
 
 
-def attention_flops_per_token(model_cfg: ModelConfig, attn_pairs_per_token: float) -> float:
+def window_pairs_per_token(seq_len: int, window: int) -> float:
+    """Visible pairs per query of a causal row of `seq_len` under a sliding `window`:
+    (sum_i min(i + 1, W)) / S."""
+    w = min(window, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def layer_pairs_per_token(model_cfg: ModelConfig, seq_len: int,
+                          attn_pairs_per_token: Optional[float] = None) -> list[float]:
+    """Visible query-key pairs per token of each layer's attention: full causal attention
+    (`attn_pairs_per_token`, default a full causal row), a sliding window (at most the full
+    count), or MAC's segment attention (persistent tokens + the causal memory tokens and
+    segment tokens of a segment of C: P + C + 1)."""
+    from longctx.models.llama import layer_specs
+
+    full = causal_pairs_per_token(seq_len) if attn_pairs_per_token is None else attn_pairs_per_token
+    mem = model_cfg.memory
+    out = []
+    for kind in layer_specs(model_cfg):
+        window = mem.window if kind in ("swa", "mag", "mal") else 0
+        if kind == "mac":
+            from longctx.models.memory.blocks import memory_chunk
+
+            out.append(float(mem.persistent_tokens + memory_chunk(model_cfg) + 1))
+        elif window:
+            out.append(min(full, window_pairs_per_token(seq_len, window)))
+        else:
+            out.append(full)
+    return out
+
+
+def attention_flops_per_token(model_cfg: ModelConfig, attn_pairs_per_token) -> float:
     """Training attention FLOPs per token, repository convention (ARCHITECTURE.md):
     forward = 4 * H * D per visible pair (2*D for q.k and 2*D for p.v), backward = 2.5x
-    forward (flash-style backward recomputes q.k), so training = 3.5x forward."""
-    forward = 4 * model_cfg.n_heads * head_dim(model_cfg) * attn_pairs_per_token
-    return 3.5 * forward * model_cfg.n_layers
+    forward (flash-style backward recomputes q.k), so training = 3.5x forward.
+    `attn_pairs_per_token`: one number for every layer, or a list with one per layer."""
+    per_layer = (attn_pairs_per_token if isinstance(attn_pairs_per_token, (list, tuple))
+                 else [attn_pairs_per_token] * model_cfg.n_layers)
+    return 3.5 * 4 * model_cfg.n_heads * head_dim(model_cfg) * sum(per_layer)
 
 
 def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int,
@@ -57,13 +93,14 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int,
     """Training (forward + backward) FLOPs per token.
 
     Dense part: 6 * matmul params (2 forward, 4 backward: grads w.r.t. inputs and weights).
-    Attention part: see `attention_flops_per_token`. `attn_pairs_per_token` defaults to a
-    full causal row of `seq_len`; with packed documents the visible pairs are fewer and the
-    caller may pass the measured number.
+    Attention part: see `attention_flops_per_token`, per layer (`layer_pairs_per_token`:
+    sliding-window and MAC layers see fewer keys). `attn_pairs_per_token` (full-attention
+    layers) defaults to a full causal row of `seq_len`; with packed documents the visible
+    pairs are fewer and the caller may pass the measured number. The memory recurrences'
+    own state updates are not counted (a floor, like the activation estimate).
     """
-    if attn_pairs_per_token is None:
-        attn_pairs_per_token = causal_pairs_per_token(seq_len)
-    return 6.0 * matmul_params(model_cfg, vocab_size) + attention_flops_per_token(model_cfg, attn_pairs_per_token)
+    pairs = layer_pairs_per_token(model_cfg, seq_len, attn_pairs_per_token)
+    return 6.0 * matmul_params(model_cfg, vocab_size) + attention_flops_per_token(model_cfg, pairs)
 
 
 # --------------------------------------------------------------------------- memory
@@ -218,6 +255,7 @@ def peak_flops(device: Union[torch.device, str], dtype: str) -> Optional[float]:
     return None
 
 
-__all__ = ["count_params", "matmul_params", "flops_per_token", "causal_pairs_per_token",
+__all__ = ["count_params", "matmul_params", "flops_per_token", "causal_pairs_per_token", "window_pairs_per_token",
+           "layer_pairs_per_token",
            "attention_flops_per_token", "activation_bytes_per_token", "memory_per_gpu", "format_bytes",
            "plan_text", "peak_flops"]

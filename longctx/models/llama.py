@@ -3,7 +3,7 @@
 In the spirit of torchtitan's `models/llama3/model.py`: RMSNorm, RoPE, grouped-query
 attention, SwiGLU MLP, optional tied embeddings. The model contains no parallelism:
 every attention layer calls a function it is handed (`Transformer.set_attention`),
-and `longctx.parallel` decides what that function does (a local kernel, a ring
+and the parallel layer decides what that function does (a local kernel, a ring
 exchange, an all-to-all, ...). Per-token tensors (`input_ids`, `position_ids`,
 `doc_ids`) may therefore be this rank's shard of a row; nothing here cares.
 
@@ -25,20 +25,20 @@ import torch.nn.functional as F
 
 from longctx.config import ModelConfig, ffn_hidden, head_dim
 
-# fn(q [B,S,H,D], k [B,S,H_kv,D], v [B,S,H_kv,D], doc_ids [B,S] | None) -> out [B,S,H,D]
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# fn(q [B,S,H,D], k [B,S,H_kv,D], v [B,S,H_kv,D], doc_ids [B,S] | None, *, window=None) -> out [B,S,H,D]
+AttentionFn = Callable[..., torch.Tensor]
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor], *,
-                    backend: str = "auto") -> torch.Tensor:
-    """Single-device causal attention with the document mask: the default attention fn.
+                    window: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """Single-device causal attention with the document (and window) mask: the default attention fn.
 
     Imported lazily so that this file imports even where the kernel package does not
     (e.g. while building on the meta device for a dry run).
     """
     from longctx.kernels import attention
 
-    return attention(q, k, v, q_doc=doc_ids, k_doc=doc_ids, causal=True,
+    return attention(q, k, v, q_doc=doc_ids, k_doc=doc_ids, causal=True, window=window,
                      softmax_scale=1.0 / math.sqrt(q.shape[-1]), backend=backend)
 
 
@@ -85,11 +85,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Grouped-query attention with RoPE. `window` (None = full) makes it sliding-window
+    attention: the mask is the attention function's business (a kernel or a CP strategy),
+    so a window layer costs no special code here."""
+
+    def __init__(self, cfg: ModelConfig, window: Optional[int] = None):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = head_dim(cfg)
+        self.window = window
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
@@ -97,16 +102,25 @@ class Attention(nn.Module):
         # Not a submodule or a buffer: the parallel layer swaps it without touching state dicts.
         self.attn_fn: AttentionFn = default_attention(cfg)
 
+    def heads(self, lin: nn.Linear, x: torch.Tensor, n: int) -> torch.Tensor:
+        """`lin(x)` split into `n` heads: `[..., dim] -> [..., n, head_dim]`."""
+        return lin(x).view(*x.shape[:-1], n, self.head_dim)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q `[B,S,H,D]`, k and v `[B,S,H_kv,D]`, q and k rotated."""
+        q = apply_rope(self.heads(self.wq, x, self.n_heads), cos, sin)
+        k = apply_rope(self.heads(self.wk, x, self.n_kv_heads), cos, sin)
+        return q, k, self.heads(self.wv, x, self.n_kv_heads)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.qkv(x, cos, sin)
         # K/V keep their H_kv heads: the kernels handle GQA, and CP strategies then
         # move H/H_kv times fewer bytes than if we repeated them here.
-        out = self.attn_fn(q, k, v, doc_ids)
+        # `window` is passed only to window layers, so any fn(q, k, v, doc_ids) serves full attention.
+        out = self.attn_fn(q, k, v, doc_ids) if self.window is None else \
+            self.attn_fn(q, k, v, doc_ids, window=self.window)
         return self.wo(out.reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -123,11 +137,24 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+@torch.no_grad()
+def init_attention_ffn(attn: Attention, mlp: FeedForward, std: float, residual_std: float) -> None:
+    """normal(0, std) for the projections into a block, `residual_std` for the two that
+    write into the residual stream (attention wo, MLP w2)."""
+    for lin in (attn.wq, attn.wk, attn.wv, mlp.w1, mlp.w3):
+        nn.init.normal_(lin.weight, mean=0.0, std=std)
+    for lin in (attn.wo, mlp.w2):
+        nn.init.normal_(lin.weight, mean=0.0, std=residual_std)
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm attention + SwiGLU block; `window` makes its attention sliding-window ("swa")."""
+
+    def __init__(self, cfg: ModelConfig, window: Optional[int] = None):
         super().__init__()
+        self.kind = "swa" if window else "attn"
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, window)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, ffn_hidden(cfg))
 
@@ -136,8 +163,53 @@ class TransformerBlock(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids)
         return x + self.feed_forward(self.ffn_norm(x))
 
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        init_attention_ffn(self.attention, self.feed_forward, std, residual_std)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+
+
+def layer_specs(cfg: ModelConfig) -> list[str]:
+    """The block kind of each layer: "attn", "swa" (sliding window) or a memory variant
+    ("mac" / "mag" / "mal"), from `cfg.memory` (memory layers win over swa layers)."""
+    mem = cfg.memory
+    n = cfg.n_layers
+
+    def indices(spec) -> set[int]:
+        if spec is None:
+            return set(range(n))
+        out = set()
+        for i in spec:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise ValueError(f"model.memory: layer index {i} out of range for {n} layers")
+            out.add(j)
+        return out
+
+    memory_layers = indices(mem.layers) if mem.type != "none" else set()
+    swa_layers = indices(mem.swa_layers)
+    return [mem.variant if i in memory_layers else "swa" if i in swa_layers else "attn" for i in range(n)]
+
+
+def build_block(cfg: ModelConfig, kind: str) -> nn.Module:
+    if kind in ("attn", "swa"):
+        return TransformerBlock(cfg, cfg.memory.window if kind == "swa" else None)
+    # Memory blocks are built only when configured (and import this file's pieces).
+    from longctx.models.memory.blocks import MemoryBlock
+
+    return MemoryBlock(cfg)
+
 
 class Transformer(nn.Module):
+    """The one decoder-only model: embeddings, a stack of blocks, final norm, lm head.
+
+    Each layer's block kind comes from `cfg.memory` (`layer_specs`): plain attention,
+    sliding-window attention, or a gated-memory block (MAC / MAG / MAL, see
+    `longctx.models.memory.blocks`). Every block has `kind`, `forward(x, cos, sin,
+    doc_ids)` and `init_weights(std, residual_std)`.
+    """
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         if vocab_size <= 0:
@@ -145,7 +217,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(build_block(cfg, kind) for kind in layer_specs(cfg))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
         self.tie_weights()
@@ -159,9 +231,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """normal(0, init_std) for embeddings and linears; the two projections that write
-        into the residual stream (attention wo, MLP w2) scaled by 1/sqrt(2 * n_layers) so
-        the residual's variance does not grow with depth (GPT-2); norms to 1.
+        """normal(0, init_std) for embeddings and linears; the projections that write into
+        the residual stream scaled by 1/sqrt(2 * n_layers) so the residual's variance does
+        not grow with depth (GPT-2); norms to 1. Each block initialises its own parts.
 
         Public so a model built on the meta device can be materialised with
         `to_empty(device=...)` and then initialised (this also re-ties the lm head).
@@ -173,19 +245,18 @@ class Transformer(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
         for layer in self.layers:
-            attn, mlp = layer.attention, layer.feed_forward
-            for lin in (attn.wq, attn.wk, attn.wv, mlp.w1, mlp.w3):
-                nn.init.normal_(lin.weight, mean=0.0, std=std)
-            for lin in (attn.wo, mlp.w2):
-                nn.init.normal_(lin.weight, mean=0.0, std=residual_std)
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
+            layer.init_weights(std, residual_std)
         self.norm.reset_parameters()
 
     def set_attention(self, fn: AttentionFn) -> None:
-        """Route every layer's attention through `fn(q, k, v, doc_ids) -> out`."""
-        for layer in self.layers:
-            layer.attention.attn_fn = fn
+        """Route every attention layer through `fn(q, k, v, doc_ids, *, window=None) -> out`
+        (MAC's segment attention is local to a segment and keeps its own computation)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.attn_fn = fn
+
+    def layer_kinds(self) -> list[str]:
+        return [layer.kind for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -206,4 +277,4 @@ class Transformer(nn.Module):
 
 
 __all__ = ["Transformer", "TransformerBlock", "Attention", "FeedForward", "RMSNorm", "rope_cos_sin",
-           "apply_rope", "local_attention", "default_attention", "AttentionFn"]
+           "apply_rope", "init_attention_ffn", "local_attention", "default_attention", "AttentionFn", "layer_specs", "build_block"]

@@ -12,7 +12,9 @@ and each computes a partial gradient of the same rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
+import torch
 import torch.distributed as dist
 
 
@@ -26,9 +28,13 @@ class Mesh:
     cp_group: object = field(default=None, repr=False)
     dp_group: object = field(default=None, repr=False)
     grad_group: object = field(default=None, repr=False)
+    # The compute device: every tensor handed to a collective lives here (NCCL rejects CPU tensors).
+    device: torch.device = field(default=torch.device("cpu"), repr=False)
 
     @property
     def dp_rank(self) -> int:
+        """Rows are assigned by this: all ranks of a CP group read the same row and each
+        keeps its own shard of it."""
         return self.rank // self.cp_size
 
     @property
@@ -39,28 +45,43 @@ class Mesh:
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
-    # Rows are assigned by data-parallel rank: all ranks of a CP group read the
-    # same row and each keeps its own shard of it.
-    @property
-    def data_rank(self) -> int:
-        return self.dp_rank
-
-    @property
-    def data_world(self) -> int:
-        return self.dp_size
-
     @property
     def loss_scale_for_grad_reduction(self) -> int:
-        """Factor to multiply the loss by before the engine reduces gradients.
-
-        Engines *average* gradients over `grad_group` (all dp*cp ranks). The
-        true gradient of a row is the *sum* of its CP shards' gradients (each
-        rank's loss is its local token losses / valid tokens of the whole CP
-        group), so averaging divides by cp_size once too often:
-        mean over dp*cp = (1/dp) sum_dp (1/cp) sum_cp. Multiplying the loss by
-        cp_size restores (1/dp) sum_dp sum_cp.
-        """
+        """cp: turns the engine's gradient average over dp x cp into sum-over-cp, mean-over-dp
+        (why: `longctx.trainer.loss.cp_normalized_loss`)."""
         return self.cp_size
+
+    # -- metric and evaluation collectives: the one place they are issued ------------------------
+    def _group(self, group):
+        """"world" / "dp" / "cp" or a ProcessGroup -> (group, its size)."""
+        if isinstance(group, str):
+            sizes = {"world": self.world_size, "dp": self.dp_size, "cp": self.cp_size}
+            if group not in sizes:
+                raise ValueError(f"unknown mesh group {group!r}; expected world, dp or cp")
+            pg = {"world": self.grad_group, "dp": self.dp_group, "cp": self.cp_group}[group]
+            return pg, sizes[group]
+        return group, (dist.get_world_size(group) if group is not None and dist.is_initialized() else 1)
+
+    def all_reduce(self, values: Sequence[float], group="world", op: str = "sum") -> list[float]:
+        """`values` reduced (sum / max / min) over `group`, as Python floats. The fp64 tensor
+        handed to the collective is made on `self.device`."""
+        pg, size = self._group(group)
+        if size == 1:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(t, op=ops[op], group=pg)
+        return t.tolist()
+
+    def all_gather(self, value: float, group="cp") -> list[float]:
+        """Every rank's `value` over `group`, in group-rank order (a tensor on `self.device`)."""
+        pg, size = self._group(group)
+        if size == 1:
+            return [float(value)]
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(size)]
+        dist.all_gather(out, t, group=pg)
+        return [float(x) for x in torch.cat(out).tolist()]
 
     def cp_ranks(self, dp_rank: int | None = None) -> list[int]:
         """Global ranks of a CP group (this rank's by default)."""
@@ -73,8 +94,10 @@ class Mesh:
         return [d * self.cp_size + c for d in range(self.dp_size)]
 
 
-def build_mesh(cp: int = 1) -> Mesh:
-    """Build the mesh on the initialised default group (or a trivial one without dist)."""
+def build_mesh(cp: int = 1, device=None) -> Mesh:
+    """Build the mesh on the initialised default group (or a trivial one without dist).
+    `device`: the compute device of this rank (None = CPU)."""
+    device = torch.device(device if device is not None else "cpu")
     if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
         raise ValueError(f"parallel.cp must be a positive integer, got {cp!r}")
     if not (dist.is_available() and dist.is_initialized()):
@@ -83,7 +106,7 @@ def build_mesh(cp: int = 1) -> Mesh:
                 f"parallel.cp={cp} needs {cp} workers but torch.distributed is not "
                 "initialised (a single process); use parallel.cp=1 or launch more workers"
             )
-        return Mesh(world_size=1, rank=0, dp_size=1, cp_size=1)
+        return Mesh(world_size=1, rank=0, dp_size=1, cp_size=1, device=device)
 
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % cp != 0:
@@ -114,4 +137,5 @@ def build_mesh(cp: int = 1) -> Mesh:
         cp_group=cp_group,
         dp_group=dp_group,
         grad_group=dist.group.WORLD,
+        device=device,
     )

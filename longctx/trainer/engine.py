@@ -2,9 +2,9 @@
 
 Both reduce gradients over the whole dp x cp world (`mesh.grad_group`) and
 average them. Ranks of one cp group hold different tokens of the same row, so
-their gradients must be *summed*: the loop multiplies each rank's loss by
-`mesh.loss_scale_for_grad_reduction` (= cp) before `backward`, which turns the
-engine's average over dp*cp ranks into sum-over-cp, mean-over-dp.
+their gradients must be *summed*: `longctx.trainer.loss.cp_normalized_loss` scales
+each rank's loss so that the engine's average over dp*cp ranks is sum-over-cp,
+mean-over-dp.
 """
 
 from __future__ import annotations
@@ -228,6 +228,9 @@ class DeepSpeedEngine(Engine):
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no engine state in checkpoint '{folder}'")
+
+
+ENGINES = ("deepspeed", "ddp")  # train.engine
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, mesh, device: torch.device) -> Engine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -44,10 +45,12 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict:
     saved = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")))
     merged = OmegaConf.merge(saved, parse_overrides(overrides)) if overrides else saved
     cfg = from_container(OmegaConf.to_container(merged) if overrides else merged)
-    # One process, no context parallelism: the plain evaluation path.
-    cfg.parallel.cp, cfg.ray.num_workers, cfg.train.engine = 1, 1, "ddp"
+    # One process, no context parallelism: the plain evaluation path (a resolved copy).
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, cp=1),
+                              ray=dataclasses.replace(cfg.ray, num_workers=1))
+    # The model and `parallelize` only: no engine, optimizer or training stream.
     trainer = Trainer(cfg, RunContext(run_dir=run_dir, checkpoint_dir=os.path.dirname(checkpoint),
-                                      launch_id="eval"))
+                                      launch_id="eval"), for_training=False)
     state = load_model_state(checkpoint)
     missing, unexpected = trainer.model.load_state_dict(state, strict=False)
     if [m for m in missing if not m.endswith("output.weight")] or unexpected:

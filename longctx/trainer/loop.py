@@ -9,6 +9,7 @@ the valid targets of the whole cp group (ARCHITECTURE.md, "Data flow").
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import resource
@@ -18,17 +19,16 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from longctx.config import Config, ConfigError
 from longctx.models.estimate import causal_pairs_per_token, flops_per_token, peak_flops
-from longctx.models.llama import Transformer, TransformerBlock
-from longctx.parallel import build_mesh, build_strategy
-from longctx.parallel.auto import apply_auto
+from longctx.models.llama import Transformer
+from longctx.parallel import build_mesh
+from longctx.parallel.parallelize import parallelize
+from longctx.parallel.stats import StrategyStats
 from longctx.trainer import checkpoint as ckpt
-from longctx.trainer.activation_checkpoint import apply_activation_checkpointing
 from longctx.trainer.distributed import pick_device
-from longctx.trainer.engine import build_engine
+from longctx.trainer.loss import cp_normalized_loss, token_loss_sum
 from longctx.trainer.metrics import RunLogger
 from longctx.trainer.packing import PackedRows, eval_rows, pad_rows
 from longctx.trainer.tokenizer import build_tokenizer
@@ -56,154 +56,103 @@ def resolve_vocab_size(cfg: Config, tokenizer) -> int:
     return size
 
 
-def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
-    """The Llama model, or a hybrid with gated memory layers when `model.memory.type` is set."""
-    if cfg.model.memory.type == "none" and not cfg.model.memory.swa_layers:
-        return Transformer(cfg.model, vocab_size)
-    from longctx.models.memory.hybrid import build_hybrid_model
-
-    return build_hybrid_model(cfg.model, vocab_size, cfg.model.memory)
-
-
-def build_trainer_strategy(cfg: Config, mesh):
-    """The attention strategy for this worker and the group it spans.
-
-    Normally the cp group. CAD with `parallel.cad_scope=dp` instead balances core
-    attention across data-parallel ranks that hold different whole rows (cp=1), so
-    it spans the dp group.
-    """
-    options = {"backend": cfg.model.attention_backend, **cfg.parallel.options}
-    group = mesh.cp_group
-    if cfg.parallel.strategy == "cad":
-        options.setdefault("scope", cfg.parallel.cad_scope)
-        if cfg.parallel.cad_scope == "dp":
-            group = mesh.dp_group
-    return build_strategy(cfg.parallel.strategy, group=group, **options)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 class Trainer:
-    """Builds everything for one worker and runs steps; small enough to drive from tests."""
+    """Builds everything for one worker and runs steps; small enough to drive from tests.
 
-    def __init__(self, cfg: Config, ctx: RunContext):
+    `cfg` must be resolved (`longctx.launch.resolve.resolve_config`): no `auto` strategy.
+    `for_training=False` builds the model and `parallelize` only (no engine, optimizer or
+    training stream): what `longctx eval` needs.
+    """
+
+    def __init__(self, cfg: Config, ctx: RunContext, *, for_training: bool = True):
         self.cfg, self.ctx = cfg, ctx
         self.device = pick_device(cfg.train.device)
-        self.mesh = build_mesh(cfg.parallel.cp)
-        apply_auto(cfg)  # normally already resolved by the launcher; deterministic either way
-        self.strategy = build_trainer_strategy(cfg, self.mesh)
+        self.mesh = build_mesh(cfg.parallel.cp, device=self.device)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.vocab_size = resolve_vocab_size(cfg, self.tokenizer)
 
         # Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(cfg.train.seed)
         with torch.device(self.device):
-            model = build_model(cfg, self.vocab_size)
-        model.set_attention(self._attention)
-        if hasattr(model, "set_cp_group"):  # memory layers pass their state over the cp group
-            model.set_cp_group(self.mesh.cp_group, self.strategy.layout)
-        self.row_multiple = model.seq_multiple(self.mesh.cp_size) if hasattr(model, "seq_multiple") \
-            else 2 * self.mesh.cp_size
-        if cfg.train.activation_checkpointing:
-            # Only plain attention blocks: recomputing a memory block would repeat its
-            # rank-to-rank state exchange inside backward and deadlock.
-            apply_activation_checkpointing(model, only=TransformerBlock)
-        self.model = model
-        self.engine = build_engine(cfg, model, self.mesh, self.device)
-        self.data = PackedRows(cfg.data, self.tokenizer, seq_len=cfg.data.seq_len,
-                               dp_rank=self.mesh.data_rank, dp_size=self.mesh.data_world, split="train")
+            model = Transformer(cfg.model, self.vocab_size)
+        self.parallel = parallelize(model, self.mesh, cfg, self.device, engine=for_training)
+        self.model, self.strategy = model, self.parallel.strategy
+        self.row_multiple = self.parallel.row_multiple
+        self.engine = self.parallel.engine
+        self.module = self.engine.module if self.engine is not None else model
+        self.data = None
+        if for_training:
+            self.data = PackedRows(cfg.data, self.tokenizer, seq_len=cfg.data.seq_len,
+                                   dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size, split="train")
         # Anything random after init is seeded per data-parallel rank (a cp group shares it).
         seed_everything(cfg.train.seed + 1000 * self.mesh.dp_rank)
         self.step = 0
         self._eval_batches = None
-        self._attn_stats: list[dict] = []
+        self._flops_per_token = None
 
-    # -- attention hook handed to the model -------------------------------------------------
-    def _attention(self, q, k, v, doc_ids):
-        out = self.strategy.attention(q, k, v, doc_ids=doc_ids, causal=True)
-        # The strategy fills this dict in forward and again in the matching backward;
-        # read them all after the step (see `_cp_step_stats`).
-        self._attn_stats.append(self.strategy.last_stats)
-        return out
+    def autocast(self):
+        if self.engine is not None:
+            return self.engine.autocast()
+        dtype = torch.bfloat16 if self.cfg.train.dtype == "bf16" else None
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     # -- one micro-batch ------------------------------------------------------------------------
     def shard_batch(self, batch: dict) -> dict:
         batch = pad_rows(batch, self.row_multiple, pad_id=self.tokenizer.pad_id)
         return {k: self.strategy.shard(v, dim=1).contiguous().to(self.device) for k, v in batch.items()}
 
-    def _cp_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.mesh.cp_size > 1:
-            dist.all_reduce(t, group=self.mesh.cp_group)
-        return t
-
-    def forward_loss(self, local: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_loss(self, local: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Returns (loss for backward, summed token loss of this rank, valid targets in the cp group)."""
-        with self.engine.autocast():
-            logits = self.engine.module(local["input_ids"], local["position_ids"], local["doc_ids"])
-        labels = local["labels"]
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                   reduction="sum")
-        n_valid = self._cp_sum((labels != -100).sum().to(torch.float64))
-        loss = loss_sum / n_valid.clamp(min=1).to(loss_sum.dtype)
+        with self.autocast():
+            logits = self.module(local["input_ids"], local["position_ids"], local["doc_ids"])
+        loss_sum = token_loss_sum(logits, local["labels"])
+        loss, n_valid = cp_normalized_loss(loss_sum, local["labels"], self.mesh)
         return loss, loss_sum.detach(), n_valid
 
     def forward_backward(self, batch: dict) -> float:
         """One micro-batch; returns the cp-group loss of this row group (the cp=1 loss)."""
         loss, loss_sum, n_valid = self.forward_loss(self.shard_batch(batch))
-        self.engine.backward(loss * self.mesh.loss_scale_for_grad_reduction)
-        group_loss = self._cp_sum(loss_sum.to(torch.float64)) / n_valid.clamp(min=1)
-        return float(group_loss)
+        self.engine.backward(loss)
+        return self.mesh.all_reduce([loss_sum.item()], group="cp")[0] / max(n_valid, 1.0)
 
     # -- context-parallel accounting -----------------------------------------------------------------
-    _SUMMED = ("bytes_sent", "bytes_recv", "attn_flops")
-
     def _cp_step_stats(self) -> dict:
         """This step's CP traffic and attention-FLOP balance over the strategy's group.
 
         Bytes and FLOPs are summed over every attention call of the step (all layers,
         micro-batches, recomputation); other numeric stats a strategy reports (e.g.
-        CAD's planner time) are averaged over calls.
+        CAD's planner time) are averaged over calls (`StrategyStats.total`).
         """
-        calls, self._attn_stats = self._attn_stats, []
+        calls = self.parallel.attention.drain()
         if not calls:
             return {}
-        totals = {k: float(sum(c.get(k, 0.0) for c in calls)) for k in self._SUMMED}
-        out = {"cp/bytes_sent": totals["bytes_sent"], "cp/bytes_recv": totals["bytes_recv"]}
-        extra = sorted({k for c in calls for k, v in c.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in self._SUMMED})
-        for key in extra:
-            vals = [float(c[key]) for c in calls if key in c]
-            out[f"cp/{key}"] = sum(vals) / len(vals)
-        group = getattr(self.strategy, "group", None)
-        size = getattr(self.strategy, "cp_size", 1)
-        if size > 1:
-            flops = torch.tensor([totals["attn_flops"]], dtype=torch.float64)
-            gathered = [torch.zeros_like(flops) for _ in range(size)]
-            dist.all_gather(gathered, flops, group=group)
-            per_rank = torch.cat(gathered)
-            out["cp/attn_flops_imbalance"] = float(per_rank.max() / per_rank.mean().clamp(min=1e-30))
-            sent = torch.tensor([totals["bytes_sent"]], dtype=torch.float64)
-            dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=group)
-            out["cp/bytes_sent_max"] = float(sent)
+        total = StrategyStats.total(calls)
+        out = {"cp/bytes_sent": float(total.bytes_sent), "cp/bytes_recv": float(total.bytes_recv)}
+        out.update({f"cp/{k}": float(v) for k, v in sorted(total.extras.items())})
+        if self.strategy.cp_size > 1:
+            group = self.strategy.group
+            per_rank = self.mesh.all_gather(total.attn_flops, group=group)
+            out["cp/attn_flops_imbalance"] = max(per_rank) / max(sum(per_rank) / len(per_rank), 1e-30)
+            out["cp/bytes_sent_max"] = self.mesh.all_reduce([total.bytes_sent], group=group, op="max")[0]
         return out
 
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        self._attn_stats = []
+        self.parallel.attention.drain()
         losses = []
         for _ in range(cfg.train.grad_accum):
             losses.append(self.forward_backward(self.data.next_batch(cfg.train.micro_batch_size)))
         grad_norm = self.engine.step()
         lr_used = self.engine.lr()
-        loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
-        if self.mesh.dp_size > 1:  # mean over data-parallel groups
-            dist.all_reduce(loss, group=self.mesh.dp_group)
-            loss /= self.mesh.dp_size
+        # mean over data-parallel groups
+        loss = self.mesh.all_reduce([sum(losses) / len(losses)], group="dp")[0] / self.mesh.dp_size
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -215,9 +164,10 @@ class Trainer:
             m["train/grad_norm"] = grad_norm
         peak = peak_flops(self.device, cfg.train.dtype)
         if peak:
-            fpt = flops_per_token(cfg.model, self.vocab_size, cfg.data.seq_len,
-                                  causal_pairs_per_token(cfg.data.seq_len))
-            m["perf/mfu"] = fpt * tokens / dt / (peak * self.mesh.world_size)
+            if self._flops_per_token is None:  # builds the model on meta: once
+                self._flops_per_token = flops_per_token(cfg.model, self.vocab_size, cfg.data.seq_len,
+                                                        causal_pairs_per_token(cfg.data.seq_len))
+            m["perf/mfu"] = self._flops_per_token * tokens / dt / (peak * self.mesh.world_size)
         if self.device.type == "cuda":
             m["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         else:  # peak resident memory of this process (Linux reports KiB)
@@ -231,35 +181,32 @@ class Trainer:
         cfg = self.cfg
         if self._eval_batches is None:
             self._eval_batches = eval_rows(cfg.data, self.tokenizer, seq_len=cfg.data.seq_len,
-                                           dp_rank=self.mesh.data_rank, dp_size=self.mesh.data_world,
+                                           dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size,
                                            num_batches=cfg.train.eval_batches,
                                            batch_size=cfg.train.micro_batch_size)
-        self.engine.module.eval()
+        self.module.eval()
         # loss sum, targets, correct targets, answer targets, correct answers
-        totals = torch.zeros(5, dtype=torch.float64)
+        totals = [0.0] * 5
         for batch in self._eval_batches:
             local = self.shard_batch(batch)
-            with self.engine.autocast():
-                logits = self.engine.module(local["input_ids"], local["position_ids"], local["doc_ids"]).float()
+            with self.autocast():
+                logits = self.module(local["input_ids"], local["position_ids"], local["doc_ids"]).float()
             labels = local["labels"]
             valid = labels != -100
-            totals[0] += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                         reduction="sum").double().cpu()
             correct = (logits.argmax(-1) == labels) & valid
             answer = local["answer_mask"].bool() & valid
-            totals[1] += valid.sum().item()
-            totals[2] += correct.sum().item()
-            totals[3] += answer.sum().item()
-            totals[4] += (correct & answer).sum().item()
-        self.engine.module.train()
-        self._attn_stats = []  # evaluation traffic is not a training step's
-        if self.mesh.world_size > 1:  # every rank holds distinct tokens of distinct rows
-            dist.all_reduce(totals)
-        loss = (totals[0] / totals[1].clamp(min=1)).item()
-        out = {"eval/loss": loss, "eval/perplexity": float(torch.exp(torch.tensor(min(loss, 50.0)))),
-               "eval/token_accuracy": (totals[2] / totals[1].clamp(min=1)).item()}
-        if totals[3] > 0:
-            out["eval/answer_accuracy"] = (totals[4] / totals[3]).item()
+            for i, value in enumerate((token_loss_sum(logits, labels).double(), valid.sum(), correct.sum(),
+                                       answer.sum(), (correct & answer).sum())):
+                totals[i] += value.item()
+        self.module.train()
+        self.parallel.attention.drain()  # evaluation traffic is not a training step's
+        # every rank holds distinct tokens of distinct rows
+        loss_sum, n, n_correct, n_answer, n_answer_correct = self.mesh.all_reduce(totals, group="world")
+        loss = loss_sum / max(n, 1.0)
+        out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+               "eval/token_accuracy": n_correct / max(n, 1.0)}
+        if n_answer > 0:
+            out["eval/answer_accuracy"] = n_answer_correct / n_answer
         return out
 
     # -- checkpoints -------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import abc
 import dataclasses
 import hashlib
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -43,6 +43,7 @@ SPLITS = ("train", "eval")
 # File suffix -> `datasets` builder name.
 _SUFFIX_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 _FORMAT_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "txt": "text"}
+FORMATS = tuple(_FORMAT_BUILDERS)  # data.format
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
 
@@ -237,6 +238,25 @@ class DocumentStream(abc.ABC):
     def _documents(self) -> Iterator[Document]:
         """Yields this rank's documents from the current position on."""
 
+    def _epochs(self, epoch_texts: Callable[[], Iterator[str]], describe: Callable[[], str]) -> Iterator[Document]:
+        """Documents of the non-empty texts of epoch after epoch (`epoch_texts()` reads the
+        rest of the current one); eval is one pass. Training fails clearly when this rank
+        gets nothing two epochs running, instead of looping forever."""
+        empty_epochs = 0
+        while True:
+            found = False
+            for text in epoch_texts():
+                if text:
+                    found = True
+                    yield Document(text)
+            if self.split == "eval":
+                return
+            empty_epochs = 0 if found else empty_epochs + 1
+            if empty_epochs >= 2:
+                raise ConfigError(f"data: dp rank {self.dp_rank} of {self.dp_size} gets no non-empty training "
+                                  f"documents ({describe()})")
+            self.epoch, self.cursor, self.seen = self.epoch + 1, 0, 0
+
 
 class SyntheticStream(DocumentStream):
     """Infinite: document i of the seed's stream goes to rank i % dp_size."""
@@ -281,24 +301,14 @@ class MapStream(DocumentStream):
             self._order_epoch = self.epoch
         return self._order
 
+    def _epoch_texts(self) -> Iterator[str]:
+        order = self._epoch_order()
+        while (position := self._next_mine(self.cursor)) < len(order):
+            self.cursor = position + 1
+            yield _text(self.dataset[int(order[position])]["text"], self.cfg)
+
     def _documents(self) -> Iterator[Document]:
-        empty_epochs = 0  # guards against looping forever when this rank has nothing to read
-        while True:
-            order = self._epoch_order()
-            found = False
-            while (position := self._next_mine(self.cursor)) < len(order):
-                self.cursor = position + 1
-                text = _text(self.dataset[int(order[position])]["text"], self.cfg)
-                if text:
-                    found = True
-                    yield Document(text)
-            if self.split == "eval":
-                return
-            empty_epochs = 0 if found else empty_epochs + 1
-            if empty_epochs >= 2:
-                raise ConfigError(f"data: dp rank {self.dp_rank} of {self.dp_size} gets no non-empty training "
-                                  f"documents ({len(order)} in all; {_describe(self.cfg)})")
-            self.epoch, self.cursor = self.epoch + 1, 0
+        return self._epochs(self._epoch_texts, lambda: f"{len(self._epoch_order())} in all; {_describe(self.cfg)}")
 
 
 class IterStream(DocumentStream):
@@ -309,30 +319,20 @@ class IterStream(DocumentStream):
         self.dataset = dataset
         self.period = holdout_period(cfg)
 
+    def _epoch_texts(self) -> Iterator[str]:
+        # Resume by skipping raw records: no re-reading of documents already used.
+        records = self.dataset.skip(self.cursor) if self.cursor else self.dataset
+        for record in records:
+            index = self.cursor
+            self.cursor += 1
+            if not _in_split(index, self.split, self.period):
+                continue
+            mine = self.seen % self.dp_size == self.dp_rank
+            self.seen += 1
+            yield _text(record["text"], self.cfg) if mine else ""
+
     def _documents(self) -> Iterator[Document]:
-        empty_epochs = 0
-        while True:
-            found = False
-            # Resume by skipping raw records: no re-reading of documents already used.
-            records = self.dataset.skip(self.cursor) if self.cursor else self.dataset
-            for record in records:
-                index = self.cursor
-                self.cursor += 1
-                if not _in_split(index, self.split, self.period):
-                    continue
-                mine = self.seen % self.dp_size == self.dp_rank
-                self.seen += 1
-                text = _text(record["text"], self.cfg) if mine else ""
-                if text:
-                    found = True
-                    yield Document(text)
-            if self.split == "eval":
-                return
-            empty_epochs = 0 if found else empty_epochs + 1
-            if empty_epochs >= 2:
-                raise ConfigError(f"data: dp rank {self.dp_rank} of {self.dp_size} gets no non-empty training "
-                                  f"documents ({_describe(self.cfg)})")
-            self.epoch, self.cursor, self.seen = self.epoch + 1, 0, 0
+        return self._epochs(self._epoch_texts, lambda: _describe(self.cfg))
 
 
 def _text(value: Any, cfg: DataConfig) -> str:
