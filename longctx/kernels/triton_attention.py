@@ -43,10 +43,9 @@ import triton
 from .reference import check_backward_inputs, check_inputs, dims, visible_counts
 from .triton_mode import interpreting, load_kernel_module
 
-SUPPORTS_ACC = True
 MAX_HEAD_DIM = 256
 
-__all__ = ["forward", "backward", "supports", "interpreting", "SUPPORTS_ACC"]
+__all__ = ["forward", "backward", "supports", "interpreting"]
 
 _KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_triton_kernels.py")
 

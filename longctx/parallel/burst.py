@@ -9,9 +9,8 @@ Forward: a ring over the zigzag layout with K/V (and doc ids) travelling.
 Each step attends the local queries to the block held and folds the result
 into the running fp32 (out, lse) *inside the kernel call*
 (`attention_forward(..., acc=(out, lse))`, the kernels' accumulating mode:
-the merge is fused with the local attention step). When the installed
-kernels do not accept `acc`, or with option `fused_merge=False`, the step
-falls back to `merge_partials`.
+the merge is fused with the local attention step). With option
+`fused_merge=False` the step merges with `merge_partials` instead.
 
 Backward, q-mode (BurstAttention's global attention optimisation): K, V,
 dK, dV stay at their owner. What travels is the query side of each rank:
@@ -98,7 +97,6 @@ node_size, num_nodes, bwd_mode, fused_merge.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -106,7 +104,6 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import kernels
 from .comm import ByteCounter, PeerExchange
 from .layouts import ZigzagLayout
 from .ring import OutMerger, _acc_dtype, block_backward, block_indices, plan_block
@@ -114,7 +111,6 @@ from .stats import StrategyStats
 from .strategy import CPStrategy, register
 
 # The kernels' accumulating mode: attention_forward(..., acc=(out, lse)).
-FUSED_MERGE_AVAILABLE = "acc" in inspect.signature(kernels.attention_forward).parameters
 
 BACKWARD_MODES = ("auto", "q", "kv")
 
@@ -367,8 +363,8 @@ class BurstAttention(CPStrategy):
 
     Options: `backend` (kernel backend), `node_size` (ranks per node for the
     double ring; 0 = LOCAL_WORLD_SIZE from the launch, the whole group when
-    unset), `backward` ("auto" | "q" | "kv"), `fused_merge` (None = use the
-    kernels' accumulating mode when available, False = merge_partials).
+    unset), `backward` ("auto" | "q" | "kv"), `fused_merge` (None or True = the
+    kernels' accumulating mode, False = merge_partials).
     """
 
     name = "burst"
@@ -380,10 +376,8 @@ class BurstAttention(CPStrategy):
         super().__init__(group, backend=backend)
         if backward not in BACKWARD_MODES:
             raise ValueError(f"burst: backward must be one of {BACKWARD_MODES}, got {backward!r}")
-        if fused_merge and not FUSED_MERGE_AVAILABLE:
-            raise ValueError("burst: fused_merge=True but longctx.kernels.attention_forward has no acc= mode")
         self.backward_mode = backward
-        self.fused_merge = FUSED_MERGE_AVAILABLE if fused_merge is None else bool(fused_merge)
+        self.fused_merge = True if fused_merge is None else bool(fused_merge)
         self.schedule = DoubleRing(self.cp_size, self.cp_rank, resolve_node_size(node_size, self.cp_size))
 
     def attention(self, q, k, v, *, doc_ids=None, causal=True, window=None, softmax_scale=None):

@@ -120,6 +120,8 @@ class _RingChunkLayout:
 class _RingView:
     """What ring.py's autograd Function reads from a strategy: the outer group."""
 
+    fused_merge = False
+
     def __init__(self, group, size, rank, layout, backend):
         self.group, self.cp_size, self.cp_rank = group, size, rank
         self.layout, self.backend = layout, backend

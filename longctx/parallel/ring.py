@@ -226,7 +226,7 @@ class _RingAttention(torch.autograd.Function):
         kernel_opts = dict(softmax_scale=softmax_scale, backend=strat.backend)
 
         counter = ByteCounter()
-        merger = OutMerger(q, fused=getattr(strat, "fused_merge", False))
+        merger = OutMerger(q, fused=strat.fused_merge)
         pairs = computed = 0
         for _, owner, (k_blk, v_blk, d_blk) in ring_steps(strat, [k, v, doc], counter):
             plan = plan_block(q_index, index[owner], causal, window)
@@ -307,7 +307,6 @@ class RingAttention(CPStrategy):
     """
 
     name = "ring"
-    fused_merge = False  # merge with merge_partials (burst uses the kernels' fused mode)
 
     def attention(self, q, k, v, *, doc_ids=None, causal=True, window=None, softmax_scale=None):
         window = self.check_inputs(q, k, v, doc_ids, window)

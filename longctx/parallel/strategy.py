@@ -34,6 +34,7 @@ class CPStrategy(abc.ABC):
     """
 
     name = "base"
+    fused_merge = False  # ring-family merge inside the kernel call (burst turns it on)
     layout_cls: type[Layout] = ContiguousLayout
     options = ("backend",)  # keyword options build_strategy accepts
 
