@@ -190,6 +190,8 @@ def _format_count(n: float) -> str:
 
 def plan_text(cfg: Config, vocab_size: int) -> str:
     """Readable summary of what `longctx train` would run, for `--dry-run`."""
+    from longctx.models.llama import layer_specs
+
     m, t = cfg.model, cfg.train
     world = cfg.ray.num_workers
     cp = cfg.parallel.cp
@@ -206,6 +208,8 @@ def plan_text(cfg: Config, vocab_size: int) -> str:
         f"model        dim={m.dim} layers={m.n_layers} heads={m.n_heads} kv_heads={m.n_kv_heads} "
         f"head_dim={head_dim(m)} ffn_hidden={ffn_hidden(m)} vocab={vocab_size} ({tied} embeddings)",
         f"parameters   {total:,} total ({_format_count(total).strip()}), {non_emb:,} non-embedding",
+        f"blocks       {' '.join(layer_specs(m))}" + (f" (memory {m.memory.type}, window {m.memory.window})"
+                                                   if m.memory.type != "none" or m.memory.swa_layers else ""),
         f"FLOPs/token  {fpt:,.0f} ({_format_count(fpt)}FLOP, training, causal attention over seq_len {seq})",
         f"FLOPs/step   {_format_count(fpt * tokens_per_step)}FLOP",
         f"tokens/step  {tokens_per_step:,} = micro_batch {t.micro_batch_size} x grad_accum {t.grad_accum} "
