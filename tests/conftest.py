@@ -15,6 +15,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/distributed_utils.py
 
 
+@pytest.fixture
+def interp(monkeypatch):
+    """Run the Triton kernels under the interpreter for this test (TRITON_INTERPRET=1; the
+    backend reads it at call time)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
