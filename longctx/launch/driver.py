@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import os
 import sys
-import time
 import uuid
 import warnings
 from typing import Optional

@@ -59,6 +59,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
     return opt, sched
 
 
+def bf16_autocast(cfg: Config, device: torch.device):
+    """Autocast to bf16 when `train.dtype=bf16` (fp32 weights, bf16 compute), else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+
+
 class Engine:
     """What the training loop needs from an engine."""
 
@@ -87,8 +92,7 @@ class DDPEngine(Engine):
         self.micro = 0
 
     def autocast(self):
-        enabled = self.cfg.train.dtype == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return bf16_autocast(self.cfg, self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.micro += 1

@@ -28,7 +28,8 @@ from longctx.parallel.parallelize import parallelize
 from longctx.parallel.stats import StrategyStats
 from longctx.trainer import checkpoint as ckpt
 from longctx.trainer.distributed import pick_device
-from longctx.trainer.loss import cp_normalized_loss, token_loss_sum
+from longctx.trainer.engine import bf16_autocast
+from longctx.trainer.loss import count_targets, cp_normalized_loss, token_loss_sum
 from longctx.trainer.metrics import RunLogger
 from longctx.trainer.packing import PackedRows, eval_rows, pad_rows
 from longctx.trainer.tokenizer import build_tokenizer
@@ -96,29 +97,24 @@ class Trainer:
         self._flops_per_token = None
 
     def autocast(self):
-        if self.engine is not None:
-            return self.engine.autocast()
-        dtype = torch.bfloat16 if self.cfg.train.dtype == "bf16" else None
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        """The engine's autocast; without an engine (evaluation), the DDP engine's."""
+        return self.engine.autocast() if self.engine is not None else bf16_autocast(self.cfg, self.device)
 
     # -- one micro-batch ------------------------------------------------------------------------
     def shard_batch(self, batch: dict) -> dict:
         batch = pad_rows(batch, self.row_multiple, pad_id=self.tokenizer.pad_id)
         return {k: self.strategy.shard(v, dim=1).contiguous().to(self.device) for k, v in batch.items()}
 
-    def forward_loss(self, local: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Returns (loss for backward, summed token loss of this rank, valid targets in the cp group)."""
+    def forward_backward(self, batch: dict) -> float:
+        """One micro-batch (a full row per dp rank); returns the cp-group loss of this row
+        group (the cp=1 loss)."""
+        n_valid = count_targets(batch["labels"])  # the whole row, on the host: no collective
+        local = self.shard_batch(batch)
         with self.autocast():
             logits = self.module(local["input_ids"], local["position_ids"], local["doc_ids"])
         loss_sum = token_loss_sum(logits, local["labels"])
-        loss, n_valid = cp_normalized_loss(loss_sum, local["labels"], self.mesh)
-        return loss, loss_sum.detach(), n_valid
-
-    def forward_backward(self, batch: dict) -> float:
-        """One micro-batch; returns the cp-group loss of this row group (the cp=1 loss)."""
-        loss, loss_sum, n_valid = self.forward_loss(self.shard_batch(batch))
-        self.engine.backward(loss)
-        return self.mesh.all_reduce([loss_sum.item()], group="cp")[0] / max(n_valid, 1.0)
+        self.engine.backward(cp_normalized_loss(loss_sum, n_valid, self.mesh))
+        return self.mesh.all_reduce([loss_sum.item()], group="cp")[0] / max(n_valid, 1)
 
     # -- context-parallel accounting -----------------------------------------------------------------
     def _cp_step_stats(self) -> dict:
