@@ -40,7 +40,27 @@ class MemorySectionConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """`model.rope_scaling`: RoPE frequency scaling for context extension, with the meaning
+    (and the numerics) of transformers' `rope_parameters` (longctx/models/rope.py)."""
+
+    rope_type: str = "default"  # default (none) | linear | yarn | llama3
+    factor: float = 1.0  # context extension factor (new length / original length)
+    original_max_position_embeddings: int = 0  # yarn / llama3: the pretraining length; 0 = model.max_position_embeddings
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn: boundary of the extrapolated (fast) dimensions
+    beta_slow: float = 1.0  # yarn: boundary of the interpolated (slow) dimensions
+    attention_factor: Optional[float] = None  # yarn: cos/sin scale; None = 0.1 ln(factor) + 1
+    mscale: float = 0.0  # yarn, DeepSeek form of the attention factor (with mscale_all_dim); 0 = unused
+    mscale_all_dim: float = 0.0
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+
+@dataclass
 class ModelConfig:
+    init_from: Optional[str] = None  # a local Hugging Face folder: shape, weights and tokenizer from it
+    family: str = "llama"  # llama | mistral | qwen2 (q/k/v biases) | qwen3 (per-head q/k RMSNorm)
     vocab_size: int = 0  # 0 = take it from the tokenizer
     dim: int = 128
     n_layers: int = 2
@@ -51,6 +71,8 @@ class ModelConfig:
     multiple_of: int = 32
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    max_position_embeddings: int = 0  # the context the model is made for (export raises it to data.seq_len); 0 = data.seq_len
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention_backend: str = "auto"  # torch | triton | auto
@@ -62,7 +84,7 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | files | hf
     task: str = "passkey"  # synthetic only: passkey | mqar | lm | mix
     seq_len: int = 1024
-    tokenizer: str = "byte"  # "byte" or a local path holding a HF tokenizer
+    tokenizer: str = "auto"  # "byte", a local path holding a HF tokenizer, or auto (model.init_from's, else byte)
     # files
     paths: list[str] = field(default_factory=list)
     format: Optional[str] = None  # json | jsonl | parquet | txt; None = from the file suffix
@@ -194,7 +216,9 @@ def choices() -> dict[str, tuple]:
     backends, engines, tasks and file formats come from their registries (imported here, on
     use: everything imports this module)."""
     from longctx.kernels import BACKENDS
+    from longctx.models.hf import FAMILIES
     from longctx.models.memory import MEMORY_MODULES, VARIANTS
+    from longctx.models.rope import ROPE_TYPES
     from longctx.parallel.strategy import STRATEGIES
     from longctx.trainer.engine import ENGINES
     from longctx.trainer.sources import FORMATS
@@ -202,6 +226,8 @@ def choices() -> dict[str, tuple]:
 
     return {**_OWN_CHOICES,
             "model.attention_backend": BACKENDS,
+            "model.family": tuple(FAMILIES),
+            "model.rope_scaling.rope_type": ROPE_TYPES,
             "model.memory.type": ("none",) + tuple(MEMORY_MODULES),
             "model.memory.variant": tuple(VARIANTS),
             "data.task": tuple(TASKS),
@@ -308,11 +334,22 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         layers.append((parse_overrides(overrides), "the command line"))
     for layer, source in layers:
         _check_keys(layer, source)
+    # A pretrained model's config.json sits between the defaults and the user's layers: the
+    # YAML and the command line override only what the user changes (e.g. model.rope_scaling).
+    init_from = next((layer.get("model", {}).get("init_from") for layer, _ in reversed(layers)
+                      if layer.get("model", {}).get("init_from")), None)
+    if init_from:
+        from longctx.models.hf import config_layer
+
+        layers.insert(0, (OmegaConf.create(config_layer(init_from)), f"{init_from}/config.json"))
+    for layer, source in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise _reformat_omegaconf_error(err, source) from None
     cfg: Config = OmegaConf.to_object(merged)
+    if cfg.data.tokenizer == "auto":  # resolved here, so saved configs name the tokenizer used
+        cfg.data.tokenizer = "byte"
     validate(cfg)
     cfg._preset = os.path.splitext(os.path.basename(path))[0] if path else "tiny"  # type: ignore[attr-defined]
     return cfg
@@ -346,9 +383,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.memory needs contiguous sequence slices under context parallelism (memory state "
                           f"passes rank to rank): use parallel.strategy=ring, not {cfg.parallel.strategy!r}")
     from longctx.models.memory import validate_memory_config
+    from longctx.models.rope import check_rope_scaling
 
     try:
         validate_memory_config(cfg.model.memory)
+        check_rope_scaling(cfg.model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if cfg.parallel.strategy == "cad" and cfg.parallel.cad_scope == "dp" and cfg.parallel.cp != 1:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from longctx.config import Config, ModelConfig, ffn_hidden, head_dim
 from longctx.models import estimate
 from longctx.models.llama import Transformer, apply_rope, rope_cos_sin
+from longctx.models.rope import rope_frequencies
 
 VOCAB = 37
 
@@ -129,10 +130,11 @@ def test_rope_uses_position_ids():
     # q.k after RoPE depends on the position difference only ...
     D = 16
     q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+    inv_freq, _ = rope_frequencies(tiny(dim=4 * D))
 
     def score(pq, pk):
-        cq, sq = rope_cos_sin(torch.tensor([[pq]]), D, 10000.0)
-        ck, sk = rope_cos_sin(torch.tensor([[pk]]), D, 10000.0)
+        cq, sq = rope_cos_sin(torch.tensor([[pq]]), inv_freq)
+        ck, sk = rope_cos_sin(torch.tensor([[pk]]), inv_freq)
         return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
 
     torch.testing.assert_close(score(5, 2), score(1005, 1002), atol=1e-4, rtol=1e-4)

@@ -71,6 +71,13 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from longctx.launch.export import export
+
+    print(f"wrote {export(ns.target, ns.out_dir, ns.dtype)}")
+    return 0
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     from longctx import bench
 
@@ -133,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("target", metavar="CHECKPOINT_OR_RUN")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face folder",
+                       description="Consolidate the engine's shards (ZeRO 0-3 or DDP) of a run folder (its latest "
+                                   "checkpoint) or a checkpoint folder and write OUT_DIR: config.json with the "
+                                   "RoPE settings used in training, sharded *.safetensors with an index, the "
+                                   "tokenizer files and generation_config.json; transformers' "
+                                   "AutoModelForCausalLM.from_pretrained(OUT_DIR) loads it.")
+    x.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    x.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) folder")
+    x.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the written weights")
+    x.set_defaults(func=cmd_export)
     _add_bench_parsers(sub)
     return p
 

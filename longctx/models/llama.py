@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longctx.config import ModelConfig, ffn_hidden, head_dim
+from longctx.models.rope import rope_frequencies
 
 # fn(q [B,S,H,D], k [B,S,H_kv,D], v [B,S,H_kv,D], doc_ids [B,S] | None, *, window=None) -> out [B,S,H,D]
 AttentionFn = Callable[..., torch.Tensor]
@@ -63,17 +64,21 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of the rotary angles for each token: `[B, S, 1, dim/2]`, fp32.
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the rotary angles for each token: `[B, S, 1, dim/2]`, fp32, times `scale`
+    (YaRN's attention factor; 1 otherwise). `inv_freq` from `longctx.models.rope`.
 
     Computed from the position ids on every call instead of cached per `arange(S)`,
     because positions restart inside packed rows and are arbitrary under CP layouts.
     Cheap next to the matmuls, and fp32 because bf16 angles are wrong by whole
     radians at long positions.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
-    angles = position_ids.float()[..., None] * inv_freq  # [B, S, dim/2]
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    angles = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # [B, S, dim/2]
+    cos, sin = angles.cos(), angles.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos[:, :, None, :], sin[:, :, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -95,10 +100,14 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = head_dim(cfg)
         self.window = window
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        bias = cfg.family == "qwen2"  # Qwen2: biases on the q/k/v projections (not on wo)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        # Qwen3: RMSNorm over each head's q and k, before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.family == "qwen3" else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.family == "qwen3" else None
         # Not a submodule or a buffer: the parallel layer swaps it without touching state dicts.
         self.attn_fn: AttentionFn = default_attention(cfg)
 
@@ -108,9 +117,10 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q `[B,S,H,D]`, k and v `[B,S,H_kv,D]`, q and k rotated."""
-        q = apply_rope(self.heads(self.wq, x, self.n_heads), cos, sin)
-        k = apply_rope(self.heads(self.wk, x, self.n_kv_heads), cos, sin)
-        return q, k, self.heads(self.wv, x, self.n_kv_heads)
+        q, k = self.heads(self.wq, x, self.n_heads), self.heads(self.wk, x, self.n_kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.heads(self.wv, x, self.n_kv_heads)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -145,6 +155,12 @@ def init_attention_ffn(attn: Attention, mlp: FeedForward, std: float, residual_s
         nn.init.normal_(lin.weight, mean=0.0, std=std)
     for lin in (attn.wo, mlp.w2):
         nn.init.normal_(lin.weight, mean=0.0, std=residual_std)
+    for lin in (attn.wq, attn.wk, attn.wv):
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
+    for norm in (attn.q_norm, attn.k_norm):
+        if norm is not None:
+            norm.reset_parameters()
 
 
 class TransformerBlock(nn.Module):
@@ -220,6 +236,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(build_block(cfg, kind) for kind in layer_specs(cfg))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
+        # RoPE frequencies: computed once, on the CPU, never a parameter or a state-dict entry.
+        self.inv_freq, self.rope_scale = rope_frequencies(cfg)
         self.tie_weights()
         self.init_weights()
 
@@ -261,7 +279,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, position_ids, doc_ids: `[B, S]` -> logits `[B, S, vocab]` in the lm head's dtype."""
-        cos, sin = rope_cos_sin(position_ids, head_dim(self.cfg), self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_scale)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, doc_ids)

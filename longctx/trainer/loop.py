@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from longctx.config import Config, ConfigError
 from longctx.models.estimate import causal_pairs_per_token, flops_per_token, peak_flops
+from longctx.models.hf import build_model, load_weights
 from longctx.models.llama import Transformer
 from longctx.parallel import build_mesh
 from longctx.parallel.parallelize import parallelize
@@ -79,8 +80,12 @@ class Trainer:
 
         # Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(cfg.train.seed)
-        with torch.device(self.device):
-            model = Transformer(cfg.model, self.vocab_size)
+        if cfg.model.init_from:  # pretrained: built uninitialised, then each tensor read in place
+            model = build_model(cfg.model, self.vocab_size, self.device)
+            load_weights(model, cfg.model.init_from)
+        else:
+            with torch.device(self.device):
+                model = Transformer(cfg.model, self.vocab_size)
         self.parallel = parallelize(model, self.mesh, cfg, self.device, engine=for_training)
         self.model, self.strategy = model, self.parallel.strategy
         self.row_multiple = self.parallel.row_multiple

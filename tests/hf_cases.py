@@ -1,0 +1,41 @@
+"""Tiny random Hugging Face checkpoints of each supported family, made with `transformers`
+itself (shared by the checkpoint tests)."""
+
+from __future__ import annotations
+
+import torch
+
+ORIGINAL_CONTEXT = 64  # max_position_embeddings of the tiny models; tests go to 4x this
+
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=300, max_position_embeddings=ORIGINAL_CONTEXT, rms_norm_eps=1e-6)
+
+# name -> (config class name, extra config)
+CASES = {
+    "llama3-tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})),
+    "llama-yarn": ("LlamaConfig", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                     "original_max_position_embeddings": ORIGINAL_CONTEXT})),
+    "llama-linear": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral": ("MistralConfig", dict(sliding_window=48)),
+    "qwen2": ("Qwen2Config", dict()),
+    "qwen3": ("Qwen3Config", dict(head_dim=32)),
+}
+
+
+def make_checkpoint(case: str, folder: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """Save a random model of `case` with `save_pretrained` into `folder`; returns the HF model.
+    Biases and norm weights are randomised too (transformers initialises them to 0 / 1)."""
+    import transformers
+
+    cls_name, extra = CASES[case]
+    config = getattr(transformers, cls_name)(**{**SHAPE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
