@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 
 from longctx.config import Config, ModelConfig, ffn_hidden, head_dim
+from longctx.models.rope import original_context
 
 # --------------------------------------------------------------------------- params
 
@@ -207,6 +208,11 @@ def plan_text(cfg: Config, vocab_size: int) -> str:
     lines = [
         f"model        dim={m.dim} layers={m.n_layers} heads={m.n_heads} kv_heads={m.n_kv_heads} "
         f"head_dim={head_dim(m)} ffn_hidden={ffn_hidden(m)} vocab={vocab_size} ({tied} embeddings)",
+        f"family       {m.family}" + (f", weights from {m.init_from}" if m.init_from else ", random init"),
+        f"rope         theta={m.rope_theta:g}" + (
+            f", {m.rope_scaling.rope_type} x{m.rope_scaling.factor:g}"
+            + (f" over {original_context(m)} positions" if m.rope_scaling.rope_type in ("yarn", "llama3") else "")
+            if m.rope_scaling.rope_type != "default" else ""),
         f"parameters   {total:,} total ({_format_count(total).strip()}), {non_emb:,} non-embedding",
         f"blocks       {' '.join(layer_specs(m))}" + (f" (memory {m.memory.type}, window {m.memory.window})"
                                                    if m.memory.type != "none" or m.memory.swa_layers else ""),
