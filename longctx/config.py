@@ -348,6 +348,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         except OmegaConfBaseException as err:
             raise _reformat_omegaconf_error(err, source) from None
     cfg: Config = OmegaConf.to_object(merged)
+    if cfg.model.init_from:  # absolute: workers may start in another folder
+        cfg.model.init_from = os.path.abspath(os.path.expanduser(cfg.model.init_from))
     if cfg.data.tokenizer == "auto":  # resolved here, so saved configs name the tokenizer used
         cfg.data.tokenizer = "byte"
     validate(cfg)

@@ -123,7 +123,9 @@ def _rope(hf: dict, source: str) -> dict:
 
 
 def config_layer(path: str) -> dict:
-    """The folder's config.json as `{"model": {...}, "data": {...}}` for `load_config`."""
+    """The folder's config.json as `{"model": {...}, "data": {...}}` for `load_config`
+    (with the folder as an absolute path: workers may start elsewhere)."""
+    path = os.path.abspath(os.path.expanduser(path))
     hf = read_config_json(path)
     source = os.path.join(path, "config.json")
     family = family_of(hf, source)
@@ -163,7 +165,7 @@ def config_layer(path: str) -> dict:
     window = hf.get("sliding_window")
     if family == "mistral" and window:  # every layer attends to the last `sliding_window` tokens
         model["memory"] = {"window": int(window), "swa_layers": list(range(model["n_layers"]))}
-    layer: dict[str, Any] = {"model": model}
+    layer: dict[str, Any] = {"model": {"init_from": path, **model}}
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         layer["data"] = {"tokenizer": path}
     return layer
@@ -219,10 +221,10 @@ def _weight_files(path: str) -> dict[str, str]:
         return {name: single for name in f.keys()}
 
 
-@torch.no_grad()
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Copy the folder's tensors into `model`'s parameters (their device and dtype), checking
-    that every parameter has a tensor of its shape and that no tensor is left over."""
+def match_weights(model: torch.nn.Module, path: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """HF name -> (safetensors file, parameter) for every parameter of `model` (meta-built is
+    fine), after checking that every parameter has a tensor of its shape in the folder and
+    that no tensor is left over. Reads only the files' headers."""
     from safetensors import safe_open
 
     files = _weight_files(path)
@@ -231,22 +233,41 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     if missing:
         raise ConfigError(f"checkpoint '{path}' lacks tensor '{missing[0]}'"
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    ignorable = {"lm_head.weight"} if getattr(model.cfg, "tie_embeddings", False) else set()
+    ignorable = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
     extra = sorted(n for n in set(files) - set(wanted) - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if extra:
         raise ConfigError(f"checkpoint '{path}' has tensor '{extra[0]}' that the model (as configured) does not "
                           f"have" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-    by_file: dict[str, list[str]] = {}
-    for name in wanted:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in sorted(by_file.items()):
-        with safe_open(file, framework="pt") as f:  # memory-mapped: one tensor read at a time
-            for name in names:
-                param = wanted[name]
+    for file in sorted({files[n] for n in wanted}):
+        with safe_open(file, framework="pt") as f:
+            for name in (n for n in wanted if files[n] == file):
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(param.shape):
+                if shape != tuple(wanted[name].shape):
                     raise ConfigError(f"checkpoint '{path}': tensor '{name}' has shape {list(shape)}, the model "
-                                      f"expects {list(param.shape)} ({os.path.basename(file)})")
+                                      f"expects {list(wanted[name].shape)} ({os.path.basename(file)})")
+    return {name: (files[name], p) for name, p in wanted.items()}
+
+
+def check_weights(cfg, vocab_size: int) -> None:
+    """On the driver, before any worker starts: `cfg.init_from` holds every tensor of the
+    configured model, with its shape (headers only; the model is built on the meta device)."""
+    from longctx.models.llama import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg, vocab_size)
+    match_weights(model, cfg.init_from)
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Copy the folder's tensors into `model`'s parameters (their device and dtype), one tensor
+    at a time from the memory-mapped files, after `match_weights`' checks."""
+    from safetensors import safe_open
+
+    matched = match_weights(model, path)
+    for file in sorted({f for f, _ in matched.values()}):
+        with safe_open(file, framework="pt") as f:
+            for name, (_, param) in ((n, v) for n, v in matched.items() if v[0] == file):
                 param.copy_(f.get_tensor(name).to(dtype=param.dtype))
 
 
@@ -386,5 +407,5 @@ def _write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-__all__ = ["FAMILIES", "config_layer", "read_config_json", "load_weights", "build_model", "from_pretrained",
+__all__ = ["FAMILIES", "config_layer", "read_config_json", "match_weights", "check_weights", "load_weights", "build_model", "from_pretrained",
            "save_pretrained", "hf_config", "hf_name"]
