@@ -187,3 +187,26 @@ def test_extension_preset_dry_run(tmp_path, capsys):
     cfg = load_config(preset, [f"model.init_from={tmp_path}"])
     assert cfg.model.rope_theta == 500000.0 and cfg.model.rope_scaling.rope_type == "yarn"
     assert cfg.model.rope_scaling.original_max_position_embeddings == 8192 and cfg.data.seq_len == 131072
+
+
+def test_train_with_a_broken_checkpoint_fails_before_anything_is_written(tmp_path, capsys):
+    """`longctx train model.init_from=...` checks config.json, tensor names and shapes on the
+    driver: exit 2, the tensor named, no run folder, no MLflow run."""
+    from safetensors.torch import load_file, save_file
+
+    from longctx.launch.cli import main
+
+    folder = str(tmp_path / "ckpt")
+    make_checkpoint("llama-linear", folder)
+    weights = os.path.join(folder, "model.safetensors")
+    good = load_file(weights)
+    save_file({**good, "model.norm.weight": torch.ones(3)}, weights)
+    runs = tmp_path / "runs"
+    args = ["train", "launcher=local", f"model.init_from={folder}", f"run.output_dir={runs}", "run.name=x"]
+    assert main(args) == 2
+    assert "tensor 'model.norm.weight' has shape [3]" in capsys.readouterr().err
+    assert not runs.exists()
+    os.remove(os.path.join(folder, "config.json"))
+    assert main(args) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert not runs.exists()
