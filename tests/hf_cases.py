@@ -24,6 +24,14 @@ CASES = {
 }
 
 
+# A shape-only config.json of Llama-3-8B (for dry runs of presets that start from it).
+LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+             "max_position_embeddings": 8192, "tie_word_embeddings": False, "hidden_act": "silu",
+             "attention_bias": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
+
+
 def make_checkpoint(case: str, folder: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """Save a random model of `case` with `save_pretrained` into `folder`; returns the HF model.
     Biases and norm weights are randomised too (transformers initialises them to 0 / 1)."""

@@ -174,12 +174,28 @@ def test_there_are_presets():
     assert "tiny.yaml" in names and len(names) >= 2
 
 
+def preset_overrides(preset: str, folder) -> list[str]:
+    """For a preset that starts from a pretrained folder: a shape-only config.json stands in."""
+    if "init_from:" not in open(preset).read():
+        return []
+    import json
+
+    from hf_cases import LLAMA3_8B
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
+    return [f"model.init_from={folder}"]
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=os.path.basename)
 def test_preset_dry_run(preset, tmp_path, monkeypatch, capsys):
+    overrides = preset_overrides(preset, tmp_path / "pretrained")
+    tmp_path = tmp_path / "cwd"
+    tmp_path.mkdir()
     monkeypatch.chdir(tmp_path)
-    assert main(["train", preset, "--dry-run"]) == 0
+    assert main(["train", preset, *overrides, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    cfg = load_config(preset)
+    cfg = load_config(preset, overrides)
     cp, workers = cfg.parallel.cp, cfg.ray.num_workers
     assert "parameters" in out
     assert "FLOPs/token" in out
@@ -241,10 +257,11 @@ def test_config_show_round_trips(capsys, tmp_path):
 
 @pytest.mark.parametrize("preset", PRESETS, ids=os.path.basename)
 def test_config_show_every_preset_round_trips(preset, capsys, tmp_path):
-    assert main(["config", "show", preset]) == 0
+    overrides = preset_overrides(preset, tmp_path / "pretrained")
+    assert main(["config", "show", preset, *overrides]) == 0
     path = tmp_path / "shown.yaml"
     path.write_text(capsys.readouterr().out)
-    assert to_container(load_config(str(path))) == to_container(load_config(preset))
+    assert to_container(load_config(str(path))) == to_container(load_config(preset, overrides))
 
 
 def _help(argv, capsys) -> str:

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from hf_cases import CASES, ORIGINAL_CONTEXT, make_checkpoint
+from hf_cases import CASES, LLAMA3_8B, ORIGINAL_CONTEXT, make_checkpoint
 from longctx.config import ConfigError, load_config
 from longctx.models import from_pretrained, save_pretrained
 from longctx.models.hf import config_layer
@@ -166,13 +166,6 @@ def test_tokenizer_defaults_to_the_folder_and_must_fit_the_embedding(tmp_path):
     cfg = load_config(None, [f"model.init_from={folder}"])
     with pytest.raises(ConfigError, match="smaller than the vocabulary"):
         resolve_vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
-
-
-LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-             "max_position_embeddings": 8192, "tie_word_embeddings": False, "hidden_act": "silu",
-             "attention_bias": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
 
 
 def test_extension_preset_dry_run(tmp_path, capsys):
