@@ -285,7 +285,7 @@ def test_train_help(capsys):
 
 def test_eval_help(capsys):
     out = _help(["eval", "--help"], capsys)
-    for word in ("CHECKPOINT_OR_RUN", "checkpoint", "held-out", "key=value"):
+    for word in ("RUN_OR_CHECKPOINT_OR_HF_DIR", "checkpoint", "held-out", "key=value", "niah", "ppl"):
         assert word in out
 
 

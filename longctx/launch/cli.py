@@ -20,6 +20,18 @@ Any config key can be overridden as section.key=value; `longctx config show`
 prints every key with its resolved value.
 """
 
+EPILOG_EVAL = """\
+examples:
+  longctx eval runs/exp1                                  # held-out loss/accuracy of the latest checkpoint
+  longctx eval runs/exp1 --task niah                      # needle in a haystack, up to 2 x seq_len
+  longctx eval runs/exp1 --task niah --lengths 512,1024,2048 --depths 0,0.5,1 --samples 4 launcher=local
+  longctx eval runs/exp1 --task ppl --length 8192 parallel.cp=4 ray.num_workers=4
+  longctx eval /models/llama-3.2-1b --task niah --json niah.json --plot niah.png
+
+niah and ppl run like training (Ray workers with context parallelism; launcher=local: one
+process) and log their metrics, JSON and plot into the run's MLflow run.
+"""
+
 
 def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
     """The first positional is the YAML file unless it looks like key=value."""
@@ -61,14 +73,81 @@ def cmd_config_show(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(ns: argparse.Namespace) -> int:
-    from longctx.trainer.evaluate import evaluate_checkpoint
+# `longctx eval` flags that set a long-context task's options: flag -> (task, option field)
+EVAL_OPTIONS = {"lengths": ("niah", "lengths"), "depths": ("niah", "depths"), "samples": ("niah", "samples"),
+                "haystack": ("niah", "haystack"), "length": ("ppl", "length"), "buckets": ("ppl", "buckets"),
+                "docs": ("ppl", "docs"), "batch_size": (None, "batch_size")}
 
-    metrics = evaluate_checkpoint(ns.target, ns.overrides)
+
+def _print_metrics(metrics: dict) -> None:
     width = max(len(k) for k in metrics)
     for k, v in metrics.items():
         print(f"{k:<{width}}  {v:.4f}")
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    given = {}
+    for flag, (task, option) in EVAL_OPTIONS.items():
+        value = getattr(ns, flag)
+        if value is not None:
+            if ns.task == "loss" or task not in (None, ns.task):
+                raise ConfigError(f"--{flag.replace('_', '-')} applies to --task {task or 'niah or ppl'}, "
+                                  f"not --task {ns.task}")
+            given[option] = value
+    if ns.task == "loss":
+        from longctx.trainer.evaluate import evaluate_checkpoint
+
+        if ns.plot:
+            raise ConfigError("--plot applies to --task niah or ppl (the loss task has no plot)")
+        metrics = evaluate_checkpoint(ns.target, ns.args)
+        _print_metrics(metrics)
+        if ns.json:
+            import json
+
+            with open(ns.json, "w") as f:
+                json.dump(metrics, f, indent=2)
+            print(f"wrote {ns.json}")
+        return 0
+    from longctx.trainer.evaluate import run_long_eval
+    from longctx.trainer.long_eval import summary_metrics
+    from longctx.trainer.metrics import setup_logging
+
+    setup_logging()
+    results, files = run_long_eval(ns.target, ns.task, ns.args, given, ns.json, ns.plot)
+    _print_metrics(summary_metrics(results))
+    for path in files:
+        print(f"wrote {path}")
     return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts (e.g. 256,1024), got {text!r}")
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"expected lengths of at least 2 tokens, got {text!r}")
+    return values
+
+
+def _fraction_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions in [0, 1] (e.g. 0,0.5,1), got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -133,12 +212,34 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     show.set_defaults(func=cmd_config_show)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on held-out data",
-                       description="Evaluate a run folder (its latest checkpoint) or a checkpoint folder "
-                                   "on the run's held-out data; key=value overrides apply (e.g. "
-                                   "train.eval_batches=16).")
-    e.add_argument("target", metavar="CHECKPOINT_OR_RUN")
-    e.add_argument("overrides", nargs="*", metavar="key=value")
+    e = sub.add_parser("eval", help="evaluate a checkpoint: held-out loss, needle in a haystack, ppl by position",
+                       description="Evaluate a run folder (its latest checkpoint), a checkpoint folder or a "
+                                   "Hugging Face folder; key=value overrides apply to the run's config (e.g. "
+                                   "train.eval_batches=16, launcher=local, parallel.cp=4 ray.num_workers=4).",
+                       epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("target", metavar="RUN_OR_CHECKPOINT_OR_HF_DIR")
+    e.add_argument("args", nargs="*", metavar="key=value")
+    e.add_argument("--task", choices=("loss", "niah", "ppl"), default="loss",
+                   help="loss: held-out loss and accuracy, one process (default); niah: needle in a haystack "
+                        "over context lengths x depths; ppl: perplexity by position in long documents")
+    e.add_argument("--json", metavar="FILE", help="write the results as JSON (niah/ppl default: "
+                                                  "<run>/eval_<task>.json)")
+    e.add_argument("--plot", metavar="FILE.png", help="niah: accuracy heatmap; ppl: perplexity by position "
+                                                      "(default: <run>/eval_<task>.png)")
+    g = e.add_argument_group("niah")
+    g.add_argument("--lengths", type=_int_list, metavar="N,N,...",
+                   help="context lengths in tokens (default: seq_len x 1/4, 1/2, 1, 2)")
+    g.add_argument("--depths", type=_fraction_list, metavar="F,F,...",
+                   help="needle depths as fractions of the haystack (default: 0,0.1,...,1)")
+    g.add_argument("--samples", type=_positive, metavar="N", help="prompts per cell (default 2)")
+    g.add_argument("--haystack", choices=("filler", "data"),
+                   help="filler: the passkey task's filler (default for synthetic data); data: held-out "
+                        "documents of the run's data (default otherwise)")
+    g = e.add_argument_group("ppl")
+    g.add_argument("--length", type=_positive, metavar="N", help="document length in tokens (default 2 x seq_len)")
+    g.add_argument("--buckets", type=_positive, metavar="N", help="equal-width position buckets (default 16)")
+    g.add_argument("--docs", type=_positive, metavar="N", help="documents (default 4)")
+    e.add_argument("--batch-size", type=_positive, metavar="N", help="niah / ppl: rows per forward")
     e.set_defaults(func=cmd_eval)
     x = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face folder",
                        description="Consolidate the engine's shards (ZeRO 0-3 or DDP) of a run folder (its latest "

@@ -13,12 +13,12 @@ import os
 import sys
 import uuid
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 from longctx.config import Config, ConfigError, from_container, to_container, to_yaml
 from longctx.launch import tracking
 from longctx.trainer import checkpoint as ckpt
-from longctx.trainer.loop import RunContext
+from longctx.trainer.loop import NIAH_PNG, RunContext
 from longctx.trainer.metrics import setup_logging
 
 logger = logging.getLogger("longctx")
@@ -47,7 +47,11 @@ def prepare_run(cfg: Config, auto_text: str = "") -> RunContext:
     from longctx.trainer.tokenizer import build_tokenizer
 
     check_data(cfg.data)
-    resolve_vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
+    vocab_size = resolve_vocab_size(cfg, build_tokenizer(cfg.data.tokenizer))
+    if cfg.model.init_from:
+        from longctx.models.hf import check_weights
+
+        check_weights(cfg.model, vocab_size)
     run_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
     checkpoint_dir = os.path.abspath(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"))
     resume = _resume_target(cfg, checkpoint_dir)
@@ -75,23 +79,30 @@ def prepare_run(cfg: Config, auto_text: str = "") -> RunContext:
     return ctx
 
 
+def train_entry(cfg: Config, ctx: RunContext) -> dict:
+    """`train_worker`, with its summary reduced to the scalars a worker reports."""
+    from longctx.trainer.loop import train_worker
+
+    summary = train_worker(cfg, ctx)
+    return {"step": summary["step"], "finished": summary["finished"], **summary["eval"]}
+
+
 def _ray_worker_entry(config: dict) -> None:
-    """Runs inside each Ray Train worker."""
+    """Runs inside each Ray Train worker: `worker(cfg, ctx, **kwargs)`, its scalars reported."""
     import ray.train
 
     os.environ["LONGCTX_UNDER_RAY"] = "1"
     # DeepSpeed's ZeRO still calls this torch collective by its old name.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    from longctx.trainer.loop import train_worker
-
     cfg = from_container(config["cfg"])
     ctx = RunContext(**config["ctx"])
-    summary = train_worker(cfg, ctx)
-    ray.train.report({"step": summary["step"], "finished": summary["finished"],
-                      **{k: v for k, v in summary["eval"].items()}})
+    ray.train.report(config["worker"](cfg, ctx, **config["kwargs"]))
 
 
-def run_with_ray(cfg: Config, ctx: RunContext) -> None:
+def run_with_ray(cfg: Config, ctx: RunContext, worker: Callable[..., dict] = train_entry,
+                 name: Optional[str] = None, **kwargs) -> None:
+    """`worker(cfg, ctx, **kwargs)` on `ray.num_workers` Ray Train workers (a module-level
+    function returning scalars; default: training). `name`: the Ray run (default run.name)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -105,11 +116,12 @@ def run_with_ray(cfg: Config, ctx: RunContext) -> None:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _ray_worker_entry,
-        train_loop_config={"cfg": to_container(cfg), "ctx": dataclasses.asdict(ctx)},
+        train_loop_config={"cfg": to_container(cfg), "ctx": dataclasses.asdict(ctx), "worker": worker,
+                           "kwargs": kwargs},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name, storage_path=os.path.join(ctx.run_dir, "ray"),
+        run_config=RunConfig(name=name or cfg.run.name, storage_path=os.path.join(ctx.run_dir, "ray"),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     trainer.fit()
@@ -129,6 +141,9 @@ def finish_run(cfg: Config, ctx: RunContext, ok: bool) -> None:
         eval_json = os.path.join(ctx.run_dir, "eval_results.json")
         if ok and os.path.isfile(eval_json):
             tracking.log_artifact(uri, run_id, eval_json)
+        heatmap = os.path.join(ctx.run_dir, NIAH_PNG)
+        if ok and os.path.isfile(heatmap):
+            tracking.log_artifact(uri, run_id, heatmap)
         png = tracking.plot_loss_curve(uri, run_id, os.path.join(ctx.run_dir, "loss_curve.png"))
         if png:
             tracking.log_artifact(uri, run_id, png)

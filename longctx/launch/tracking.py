@@ -74,6 +74,14 @@ def log_artifact(uri: str, run_id: str, path: str, subdir: Optional[str] = None)
     _client(uri).log_artifact(run_id, path, subdir)
 
 
+def log_metrics(uri: str, run_id: str, metrics: list[tuple[str, float, Optional[int]]]) -> None:
+    """(name, value, step) triples into the run, in one batch (step None = 0)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, int(step or 0)) for k, v, step in metrics])
+
+
 def end_run(uri: str, run_id: str, ok: bool) -> None:
     _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED", end_time=int(time.time() * 1000))
 

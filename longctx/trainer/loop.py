@@ -30,6 +30,8 @@ from longctx.parallel.stats import StrategyStats
 from longctx.trainer import checkpoint as ckpt
 from longctx.trainer.distributed import pick_device
 from longctx.trainer.engine import bf16_autocast
+from longctx.trainer.long_eval import (min_niah_length, plot_niah, run_niah, summary_metrics, train_end_niah,
+                                       trains_passkey)
 from longctx.trainer.loss import count_targets, cp_normalized_loss, token_loss_sum
 from longctx.trainer.metrics import RunLogger
 from longctx.trainer.packing import PackedRows, eval_rows, pad_rows
@@ -283,7 +285,7 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
         log.info(f"resumed from {start} at step {trainer.step}")
     log.info(f"world={mesh.world_size} dp={mesh.dp_size} cp={mesh.cp_size} strategy={cfg.parallel.strategy} "
              f"engine={cfg.train.engine} device={trainer.device} params={trainer.model.num_params():,}")
-    last_eval, history = {}, []
+    last_eval, history, niah = {}, [], {}
     every = cfg.checkpoint.every
     try:
         while trainer.step < stop:
@@ -302,11 +304,31 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
             log.info(f"eval @ {trainer.step}: " + " ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
             path = trainer.save()
             log.info(f"checkpoint {path}")
+            if trainer.step >= cfg.train.steps and trains_passkey(cfg) \
+                    and cfg.data.seq_len >= min_niah_length(trainer.tokenizer):
+                niah = final_niah(trainer, log)
     finally:
         log.close()
     summary = {"step": trainer.step, "finished": trainer.step >= cfg.train.steps, "eval": last_eval,
                "losses": history}
     if mesh.is_logging_rank:
+        extra = {**summary_metrics(niah), "niah": niah} if niah else {}
         with open(os.path.join(ctx.run_dir, "eval_results.json"), "w") as f:
-            json.dump({"step": trainer.step, **last_eval}, f, indent=2)
+            json.dump({"step": trainer.step, **last_eval, **extra}, f, indent=2)
     return summary
+
+
+NIAH_PNG = "niah_heatmap.png"
+
+
+def final_niah(trainer: Trainer, log: RunLogger) -> dict:
+    """Needle in a haystack on the model just trained, at lengths up to its training length
+    (`long_eval.train_end_niah`: a few seconds on a CPU). Logs `niah/accuracy` (and per
+    length) and writes the heatmap <run>/niah_heatmap.png on the logging rank."""
+    results = run_niah(trainer, train_end_niah(trainer.cfg, trainer.tokenizer))
+    log.log(trainer.step, summary_metrics(results))
+    by_length = " ".join(f"{n}: {v:.2f}" for n, v in results["accuracy_by_length"].items())
+    log.info(f"niah @ {trainer.step}: accuracy {results['accuracy']:.3f} (by length {by_length})")
+    if trainer.mesh.is_logging_rank:
+        plot_niah(results, os.path.join(trainer.ctx.run_dir, NIAH_PNG))
+    return results

@@ -14,6 +14,13 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """fp32 cross-entropy of each token, `[B, S]` (0 where the target is `-100`): what
+    `token_loss_sum` sums, kept per token (perplexity by position)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view(labels.shape)
+
+
 def cp_normalized_loss(loss_sum: torch.Tensor, n_valid: float, mesh) -> torch.Tensor:
     """The loss to call backward on for one micro-batch: this rank's summed token losses
     over `n_valid`, the valid targets of the *whole row* (count them on the full row before
@@ -37,4 +44,4 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
-__all__ = ["token_loss_sum", "cp_normalized_loss", "count_targets", "IGNORE_INDEX"]
+__all__ = ["token_loss_sum", "token_losses", "cp_normalized_loss", "count_targets", "IGNORE_INDEX"]

@@ -54,19 +54,26 @@ def synthetic_documents(task: str, seed: int, min_len: int, max_len: int, start:
 
 # ---------------------------------------------------------------------------- passkey
 
-_FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
-           "There and back again. ")
+FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
+          "There and back again. ")
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. "  # hidden in the filler
+PASSKEY_QUESTION = "What is the pass key? The pass key is "  # ends the prompt; the key follows
+
+
+def passkey(rng: random.Random) -> str:
+    """A random 5-digit pass key."""
+    return str(rng.randint(10000, 99999))
 
 
 def _passkey(rng: random.Random, length: int) -> Document:
-    key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. "
-    question = "What is the pass key? The pass key is "
+    key = passkey(rng)
+    needle = PASSKEY_NEEDLE.format(key=key)
+    question = PASSKEY_QUESTION
     budget = length - len(needle) - len(question) - len(key)
     filler: list[str] = []
-    phase = rng.randrange(len(_FILLER))  # start the cycle anywhere so documents differ
+    phase = rng.randrange(len(FILLER))  # start the cycle anywhere so documents differ
     while budget > 0:
-        sentence = _FILLER[(phase + len(filler)) % len(_FILLER)]
+        sentence = FILLER[(phase + len(filler)) % len(FILLER)]
         if len(sentence) > budget:
             break
         filler.append(sentence)
@@ -160,4 +167,5 @@ def _lm(rng: random.Random, length: int) -> Document:
 
 _GENERATORS = {"passkey": _passkey, "mqar": _mqar, "lm": _lm}
 
-__all__ = ["Document", "TASKS", "synthetic_document", "synthetic_documents"]
+__all__ = ["Document", "TASKS", "synthetic_document", "synthetic_documents", "FILLER", "PASSKEY_NEEDLE",
+           "PASSKEY_QUESTION", "passkey"]
