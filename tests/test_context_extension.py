@@ -21,7 +21,7 @@ import torch
 from conftest import REPO, longctx_cmd
 from hf_cases import trained_model
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a test dependency: the reference)
 pytestmark = pytest.mark.slow
 
 LONG_DOCS = ["data.task=lm", "data.min_doc_len=2100", "data.max_doc_len=4000"]

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, longctx_cmd
 from hf_cases import make_checkpoint, trained_model
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a test dependency: the reference)
 pytestmark = pytest.mark.slow
 
 
