@@ -81,8 +81,10 @@ class HFTokenizer:
 
 
 def build_tokenizer(spec: str):
-    """`"byte"` -> ByteTokenizer; otherwise a local `tokenizer.json` file or a folder holding one."""
-    if spec == "byte":
+    """`"byte"` -> ByteTokenizer; otherwise a local `tokenizer.json` file or a folder holding one.
+    `"auto"` is resolved by `load_config` (model.init_from's tokenizer, else byte); a config
+    built in code without that step has no pretrained folder, so auto is byte."""
+    if spec in ("byte", "auto"):
         return ByteTokenizer()
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
