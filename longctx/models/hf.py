@@ -221,6 +221,12 @@ def _weight_files(path: str) -> dict[str, str]:
         return {name: single for name in f.keys()}
 
 
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape, also while ZeRO-3 holds only this rank's flat partition of it
+    (DeepSpeed keeps the real shape in `ds_shape`)."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
 def match_weights(model: torch.nn.Module, path: str) -> dict[str, tuple[str, torch.Tensor]]:
     """HF name -> (safetensors file, parameter) for every parameter of `model` (meta-built is
     fine), after checking that every parameter has a tensor of its shape in the folder and
@@ -242,9 +248,9 @@ def match_weights(model: torch.nn.Module, path: str) -> dict[str, tuple[str, tor
         with safe_open(file, framework="pt") as f:
             for name in (n for n in wanted if files[n] == file):
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(wanted[name].shape):
+                if shape != full_shape(wanted[name]):
                     raise ConfigError(f"checkpoint '{path}': tensor '{name}' has shape {list(shape)}, the model "
-                                      f"expects {list(wanted[name].shape)} ({os.path.basename(file)})")
+                                      f"expects {list(full_shape(wanted[name]))} ({os.path.basename(file)})")
     return {name: (files[name], p) for name, p in wanted.items()}
 
 
@@ -259,16 +265,24 @@ def check_weights(cfg, vocab_size: int) -> None:
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, path: str) -> None:
+def load_weights(model: torch.nn.Module, path: str, *, gather=None, reader: bool = True) -> None:
     """Copy the folder's tensors into `model`'s parameters (their device and dtype), one tensor
-    at a time from the memory-mapped files, after `match_weights`' checks."""
+    at a time from the memory-mapped files, after `match_weights`' checks.
+
+    Partitioned parameters (ZeRO-3): `gather(param)` is a context manager that makes one
+    parameter whole while it is written (`longctx.trainer.engine.zero3_gather`); every rank
+    calls it in the same order, and only the `reader` rank opens the files."""
+    import contextlib
+
     from safetensors import safe_open
 
     matched = match_weights(model, path)
     for file in sorted({f for f, _ in matched.values()}):
-        with safe_open(file, framework="pt") as f:
-            for name, (_, param) in ((n, v) for n, v in matched.items() if v[0] == file):
-                param.copy_(f.get_tensor(name).to(dtype=param.dtype))
+        with safe_open(file, framework="pt") if reader else contextlib.nullcontext() as f:
+            for name, (_, param) in sorted((n, v) for n, v in matched.items() if v[0] == file):
+                with gather(param) if gather else contextlib.nullcontext():
+                    if reader:
+                        param.copy_(f.get_tensor(name).to(dtype=param.dtype))
 
 
 def build_model(cfg, vocab_size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -407,5 +421,5 @@ def _write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-__all__ = ["FAMILIES", "config_layer", "read_config_json", "match_weights", "check_weights", "load_weights", "build_model", "from_pretrained",
+__all__ = ["FAMILIES", "config_layer", "read_config_json", "match_weights", "check_weights", "full_shape", "load_weights", "build_model", "from_pretrained",
            "save_pretrained", "hf_config", "hf_name"]

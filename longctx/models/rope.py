@@ -57,7 +57,8 @@ def _yarn(m: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # no singular ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    # (integers converted, not a float constructor: DeepSpeed's zero.Init recasts those)
+    ramp = torch.clamp((torch.arange(dim // 2).to(torch.float32) - low) / (high - low), 0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp  # 1 = extrapolate (high frequency), 0 = interpolate

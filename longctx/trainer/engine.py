@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.config import Config
+from longctx.models.hf import full_shape
 
 
 def lr_lambda(cfg: Config):
@@ -47,7 +48,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(full_shape(p)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -175,17 +176,45 @@ def _init_deepspeed_comm(device: torch.device) -> None:
                                auto_mpi_discovery=False)
 
 
+def _start_deepspeed(device: torch.device):
+    """deepspeed, imported for `device` with its communication up (also in a single process)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not dist.is_initialized():  # a single process: DeepSpeed still wants a process group
+        from longctx.trainer.distributed import init_single_process_group
+        init_single_process_group()
+    _init_deepspeed_comm(device)
+    return deepspeed
+
+
+def partitions_on_build(cfg: Config, for_training: bool) -> bool:
+    """ZeRO-3 training from a checkpoint: parameters are partitioned as they are created and
+    filled from the files (`zero3_build`, `zero3_gather`), never whole on every rank."""
+    return (for_training and cfg.train.engine == "deepspeed" and cfg.deepspeed.zero_stage == 3
+            and bool(cfg.model.init_from))
+
+
+def zero3_build(cfg: Config, device: torch.device):
+    """Context manager: modules built inside have their parameters partitioned over the
+    ranks as each is created (`deepspeed.zero.Init` with the run's DeepSpeed config)."""
+    deepspeed = _start_deepspeed(device)
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg))
+
+
+def zero3_gather(param: torch.nn.Parameter):
+    """Context manager: `param` whole on every rank; what rank 0 writes into it is kept
+    (broadcast, then partitioned again on exit)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg: Config, model: torch.nn.Module, mesh, device: torch.device):
-        if device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
+        deepspeed = _start_deepspeed(device)
         self.cfg, self.mesh, self.device = cfg, mesh, device
-        if not dist.is_initialized():  # a single process: DeepSpeed still wants a process group
-            from longctx.trainer.distributed import init_single_process_group
-            init_single_process_group()
-        _init_deepspeed_comm(device)
         optimizer, scheduler = build_optimizer(cfg, model)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),

@@ -202,12 +202,12 @@ def run_long_eval(target: str, task: str, overrides: list[str], given: dict, jso
     for note in notes:
         logger.info(note)
     options = task_options(cfg, task, given)
-    scratch = tempfile.mkdtemp(prefix="longctx-eval-")
+    in_run = (lambda ext: os.path.join(t.run_dir, f"eval_{task}.{ext}")) if t.run_dir else (lambda ext: None)
+    scratch = tempfile.mkdtemp(prefix="longctx-eval-")  # the JSON of a Hugging Face folder without --json
     try:
-        default = (lambda ext: os.path.join(t.run_dir, f"eval_{task}.{ext}")) if t.run_dir else (lambda ext: None)
-        out_json = os.path.abspath(json_path or default("json") or os.path.join(scratch, f"eval_{task}.json"))
-        run_dir = t.run_dir or scratch
-        ctx = RunContext(run_dir=run_dir, checkpoint_dir=os.path.dirname(t.checkpoint) if t.checkpoint else scratch,
+        out_json = os.path.abspath(json_path or in_run("json") or os.path.join(scratch, f"eval_{task}.json"))
+        ctx = RunContext(run_dir=t.run_dir or scratch,
+                         checkpoint_dir=os.path.dirname(t.checkpoint) if t.checkpoint else scratch,
                          launch_id=f"eval-{uuid.uuid4().hex}")
         kwargs = dict(task=task, options=dataclasses.asdict(options), checkpoint=t.checkpoint, out_json=out_json,
                       info={"target": t.checkpoint or t.hf_dir, "step": t.step})
@@ -218,7 +218,7 @@ def run_long_eval(target: str, task: str, overrides: list[str], given: dict, jso
         with open(out_json) as f:
             results = json.load(f)
         files = [out_json] if json_path or t.run_dir else []
-        png = plot_path or default("png")
+        png = plot_path or in_run("png")
         if png:
             files.append(long_eval.plot(results, os.path.abspath(png)))
         log_to_mlflow(cfg, t, results, files)

@@ -161,17 +161,15 @@ def local_logits(trainer, batch: dict) -> tuple[torch.Tensor, dict]:
     return logits.float(), local
 
 
-def single_document_rows(docs: Sequence[Optional[list[int]]], length: int, pad_id: int) -> dict:
-    """`[B, length]` rows each holding one document from position 0 (labels only where given:
-    `docs[i]` is the row's ids followed by its labels) and padding after it (its own doc id).
-    None = an empty row (every label -100)."""
+def single_document_rows(docs: Sequence[Optional[tuple[list[int], list[int]]]], length: int, pad_id: int) -> dict:
+    """`[B, length]` rows; row i holds `docs[i] = (input ids, labels)` from position 0, then
+    padding (its own doc id, labels -100). None = an empty row (every label -100)."""
     rows = empty_rows(len(docs), length, pad_id)
     for i, doc in enumerate(docs):
-        n = 0 if doc is None else len(doc[0])
-        if doc is not None:
-            ids, labels = doc
-            rows["input_ids"][i, :n] = torch.tensor(ids)
-            rows["labels"][i, :n] = torch.tensor(labels)
+        ids, labels = doc if doc is not None else ([], [])
+        n = len(ids)
+        rows["input_ids"][i, :n] = torch.tensor(ids, dtype=torch.long)
+        rows["labels"][i, :n] = torch.tensor(labels, dtype=torch.long)
         rows["doc_ids"][i, n:] = 1
         rows["position_ids"][i, n:] = torch.arange(length - n)
     del rows["answer_mask"]
@@ -287,9 +285,9 @@ def run_niah(trainer, opt: NiahOptions) -> dict:
     tally = {cell: [0.0, 0.0, 0.0] for cell in cells}  # correct samples, correct answer tokens, answer tokens
     with eval_mode(trainer.module):
         for length in opt.lengths:
-            prompts = [niah_prompt(tok, haystack, length, d, s, opt.seed)
-                       for d in opt.depths for s in range(opt.samples)]
-            for group in batches(rank_share(prompts, mesh), opt.batch_size):
+            mine = rank_share([(d, s) for d in opt.depths for s in range(opt.samples)], mesh)
+            prompts = [niah_prompt(tok, haystack, length, *spec, opt.seed) if spec else None for spec in mine]
+            for group in batches(prompts, opt.batch_size):
                 rows = single_document_rows([p.row() if p else None for p in group], length, tok.pad_id)
                 for p, wrong in zip(group, answer_errors(trainer, rows)):
                     if p is not None:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.config import Config, ConfigError
-from longctx.models.estimate import causal_pairs_per_token, flops_per_token, peak_flops
+from longctx.models.estimate import causal_pairs_per_token, count_params, flops_per_token, peak_flops
 from longctx.models.hf import build_model, load_weights
 from longctx.models.llama import Transformer
 from longctx.parallel import build_mesh
@@ -29,7 +29,7 @@ from longctx.parallel.parallelize import parallelize
 from longctx.parallel.stats import StrategyStats
 from longctx.trainer import checkpoint as ckpt
 from longctx.trainer.distributed import pick_device
-from longctx.trainer.engine import bf16_autocast
+from longctx.trainer.engine import bf16_autocast, partitions_on_build, zero3_build, zero3_gather
 from longctx.trainer.long_eval import (min_niah_length, plot_niah, run_niah, summary_metrics, train_end_niah,
                                        trains_passkey)
 from longctx.trainer.loss import count_targets, cp_normalized_loss, token_loss_sum
@@ -82,7 +82,11 @@ class Trainer:
 
         # Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(cfg.train.seed)
-        if cfg.model.init_from:  # pretrained: built uninitialised, then each tensor read in place
+        if partitions_on_build(cfg, for_training):  # ZeRO-3 from a checkpoint: never whole on a rank
+            with zero3_build(cfg, self.device):
+                model = Transformer(cfg.model, self.vocab_size)
+            load_weights(model, cfg.model.init_from, gather=zero3_gather, reader=self.mesh.rank == 0)
+        elif cfg.model.init_from:  # pretrained: built uninitialised, then each tensor read in place
             model = build_model(cfg.model, self.vocab_size, self.device)
             load_weights(model, cfg.model.init_from)
         else:
@@ -284,7 +288,7 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
     if resumed:
         log.info(f"resumed from {start} at step {trainer.step}")
     log.info(f"world={mesh.world_size} dp={mesh.dp_size} cp={mesh.cp_size} strategy={cfg.parallel.strategy} "
-             f"engine={cfg.train.engine} device={trainer.device} params={trainer.model.num_params():,}")
+             f"engine={cfg.train.engine} device={trainer.device} params={count_params(cfg.model, trainer.vocab_size):,}")
     last_eval, history, niah = {}, [], {}
     every = cfg.checkpoint.every
     try:
