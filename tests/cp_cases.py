@@ -254,7 +254,7 @@ def ulysses_hybrid_bytes(kind, U, R, B, S_l, H, H_kv, D, es, doc_bytes, acc_size
 
 
 def check_ulysses_hybrid(run: Run, seq_len: int) -> None:
-    strat, s, where = run.strat, run.stats, run.where
+    strat, s = run.strat, run.stats
     N, kind = strat.cp_size, strat.name
     B, S_l, H, H_kv, D = run.shape
     U, R = (N, 1) if kind == "ulysses" else (strat.ulysses_size, strat.ring_size)

@@ -8,7 +8,6 @@ wired exactly as the trainer wires it (`longctx.parallel.parallelize` step funct
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
