@@ -1,8 +1,8 @@
 """Long-context evaluation (`longctx eval --task niah|ppl`, longctx/trainer/long_eval.py).
 
 - NIAH scoring (every key token is the argmax given the correct prefix) equals greedy decoding.
-- For a fixed checkpoint, cp=2 (gloo processes, zigzag layout) gives the cp=1 NIAH grid and
-  perplexity buckets.
+- For a fixed checkpoint, cp=2 x dp=2 (gloo processes, zigzag layout) gives the one-process
+  NIAH grid and perplexity buckets.
 - Through the CLI: niah on 2 Ray workers with cp=2 and ppl in one process write their JSON
   and PNG and log metrics and both files into the run's MLflow run; the training run itself
   ended with a NIAH grid (eval_results.json, `niah/accuracy`, the heatmap artifact).
@@ -55,13 +55,13 @@ def _eval_config(run_dir: str, *overrides: str):
     return cfg, target.checkpoint
 
 
-def _long_eval_body(rank, world_size, run_dir):
-    """niah + ppl on `world_size` ranks (cp = world_size, zigzag) for the run's checkpoint."""
+def _long_eval_body(rank, world_size, run_dir, cp):
+    """niah + ppl on `world_size` ranks (context parallel over `cp`, zigzag) for the run's checkpoint."""
     from longctx.trainer import long_eval
     from longctx.trainer.evaluate import load_trainer
     from longctx.trainer.loop import RunContext
 
-    cfg, checkpoint = _eval_config(run_dir, "launcher=ray", f"parallel.cp={world_size}",
+    cfg, checkpoint = _eval_config(run_dir, "launcher=ray", f"parallel.cp={cp}",
                                    f"ray.num_workers={world_size}", "parallel.strategy=zigzag")
     trainer = load_trainer(cfg, RunContext(run_dir=run_dir, checkpoint_dir=os.path.dirname(checkpoint),
                                            launch_id="test"), checkpoint)
@@ -100,15 +100,16 @@ def test_niah_score_is_greedy_decoding(tiny_run):
                        [(written[0] + 7) % 256] + written[1:]):
             cases.append((prompt + answer, answer == written))
     rows = long_eval.single_document_rows(
-        [long_eval.NiahPrompt(128, 0.0, 0, "", ids, 5, 0).row() for ids, _ in cases], 128, tok.pad_id)
+        [long_eval.NiahPrompt(128, 0.0, 0, "", ids, 5).row() for ids, _ in cases], 128, tok.pad_id)
     wrong = long_eval.answer_errors(trainer, rows)
     assert [w == 0 for w in wrong] == [expected for _, expected in cases]
 
 
-def test_cp2_equals_cp1(tiny_run):
-    one = _long_eval_body(0, 1, tiny_run)
-    two = run_distributed(_long_eval_body, 2, tiny_run, timeout=180)
-    for niah, ppl in two:
+def test_cp2_dp2_equals_one_process(tiny_run):
+    """4 ranks, cp=2 x dp=2 (rows split over dp, empty rows padding the shorter share): the
+    one-process grid and buckets."""
+    one = _long_eval_body(0, 1, tiny_run, 1)
+    for niah, ppl in run_distributed(_long_eval_body, 4, tiny_run, 2, timeout=240):
         assert niah == one[0]
         assert [b["tokens"] for b in ppl["buckets"]] == [b["tokens"] for b in one[1]["buckets"]] == [150] * 5
         for got, want in zip(ppl["buckets"], one[1]["buckets"]):
@@ -126,7 +127,8 @@ def test_train_ends_with_niah(tiny_run):
     assert "niah_heatmap.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def _logged(run_dir: str, task: str, metric: str) -> tuple[dict, set]:
+def _logged(run_dir: str, metric: str) -> tuple[dict, set]:
+    """The metric's history {step: value} and the artifacts under eval/ of the run's MLflow run."""
     client = _mlflow(run_dir)
     run = client.search_runs(client.get_experiment_by_name("longctx").experiment_id)[0]
     history = client.get_metric_history(run.info.run_id, metric)
@@ -145,7 +147,7 @@ def test_cli_niah_on_ray_with_cp2(tiny_run, ray_cluster, tmp_path):
     results = json.load(open(out_json))
     assert results["lengths"] == [96, 192] and len(results["grid"]) == 3 and results["step"] == 3
     assert os.path.getsize(out_png) > 0
-    by_step, artifacts = _logged(tiny_run, "niah", "niah/accuracy")
+    by_step, artifacts = _logged(tiny_run, "niah/accuracy")
     assert by_step[3] == pytest.approx(results["accuracy"])
     assert {"eval/niah.json", "eval/niah.png"} <= artifacts
 
@@ -160,7 +162,7 @@ def test_cli_ppl_local(tiny_run, capsys):
     assert [b["end"] for b in results["buckets"]] == [96, 192, 288, 384]
     assert all(b["tokens"] == 2 * 96 for b in results["buckets"])
     assert os.path.getsize(os.path.join(tiny_run, "eval_ppl.png")) > 0
-    curve, artifacts = _logged(tiny_run, "ppl", "ppl/by_position")
+    curve, artifacts = _logged(tiny_run, "ppl/by_position")
     assert sorted(curve) == [96, 192, 288, 384]
     assert {"eval/eval_ppl.json", "eval/eval_ppl.png"} <= artifacts
 

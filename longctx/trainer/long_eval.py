@@ -39,7 +39,6 @@ from longctx.trainer.packing import empty_rows, tokenize_document
 from longctx.trainer.sources import derive_seed, open_documents
 from longctx.trainer.synthetic import FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey, synthetic_document
 
-TASKS = ("loss", "niah", "ppl")
 HAYSTACKS = ("filler", "data")
 
 
@@ -187,7 +186,6 @@ class NiahPrompt:
     key: str
     ids: list[int]  # prompt then answer
     answer_len: int  # the last `answer_len` ids are the key
-    needle_at: int  # token index where the needle starts
 
     def row(self) -> tuple[list[int], list[int]]:
         """(input ids, labels): labels are the key tokens at the positions that predict them."""
@@ -207,7 +205,6 @@ class Haystack:
     documents of the data config (`data`), read once and rotated per prompt."""
 
     def __init__(self, cfg: Config, tokenizer, kind: str, tokens_needed: int):
-        self.kind = kind
         if kind == "filler":
             self.pool = list(FILLER)
             return
@@ -238,12 +235,10 @@ def niah_prompt(tokenizer, haystack: Haystack, length: int, depth: float, sample
     key_ids = tokenizer.encode(key)
     phase = rng.random()  # the haystack rotation, the same for every sentence count tried
 
-    def build(count: int) -> tuple[list[int], int]:
+    def build(count: int) -> list[int]:
         sentences = haystack.sentences(random.Random(phase), count)
         at = round(depth * count)
-        before = "".join(sentences[:at])
-        ids = tokenizer.encode(before + needle + "".join(sentences[at:]) + PASSKEY_QUESTION)
-        return ids, len(tokenizer.encode(before)) if before else 0
+        return tokenizer.encode("".join(sentences[:at]) + needle + "".join(sentences[at:]) + PASSKEY_QUESTION)
 
     def fits(ids: list[int]) -> bool:
         return len(ids) + len(key_ids) <= length
@@ -251,17 +246,17 @@ def niah_prompt(tokenizer, haystack: Haystack, length: int, depth: float, sample
     fixed = len(tokenizer.encode(needle + PASSKEY_QUESTION)) + len(key_ids)
     per_sentence = max(len(tokenizer.encode("".join(haystack.sentences(random.Random(phase), 64)))) / 64, 1.0)
     count = int((length - fixed) / per_sentence)
-    ids, needle_at = build(count)
+    ids = build(count)
     while count > 0 and not fits(ids):  # too long: drop about the excess
         count = max(0, count - max(1, math.ceil((len(ids) + len(key_ids) - length) / per_sentence)))
-        ids, needle_at = build(count)
+        ids = build(count)
     for _ in range(8):  # room left: add sentences while they fit
         more = build(count + 1)
-        if not fits(more[0]):
+        if not fits(more):
             break
-        count, (ids, needle_at) = count + 1, more
+        count, ids = count + 1, more
     return NiahPrompt(length=length, depth=depth, sample=sample, key=key, ids=ids + key_ids,
-                      answer_len=len(key_ids), needle_at=needle_at)
+                      answer_len=len(key_ids))
 
 
 # ---------------------------------------------------------------------------- NIAH scoring
@@ -486,4 +481,4 @@ def options_from_dict(task: str, data: dict):
 
 __all__ = ["NiahOptions", "PplOptions", "run_niah", "run_ppl", "run_task", "plot", "plot_niah", "plot_ppl",
            "summary_metrics", "curve_metrics", "default_niah", "default_ppl", "train_end_niah", "trains_passkey",
-           "niah_prompt", "answer_errors", "TASKS", "HAYSTACKS"]
+           "niah_prompt", "answer_errors", "HAYSTACKS"]
