@@ -160,7 +160,7 @@ def config_layer(path: str) -> dict:
         raise ConfigError(f"{source}: attention_bias=true is not supported for {family} (biases on every "
                           f"attention projection); only Qwen2's q/k/v biases are")
     layer_types = hf.get("layer_types")
-    if layer_types and any(t != "full_attention" for t in layer_types) and family != "mistral":
+    if layer_types and any(t != "full_attention" for t in layer_types):  # per-layer mixes (Ministral, Qwen windows)
         raise ConfigError(f"{source}: layer_types={layer_types} (sliding-window layers) is not supported for {family}")
     window = hf.get("sliding_window")
     if family == "mistral" and window:  # every layer attends to the last `sliding_window` tokens
@@ -329,7 +329,8 @@ def hf_config(model, max_position_embeddings: Optional[int] = None, dtype: torch
     window = None
     if m.memory.swa_layers:
         if m.family != "mistral" or sorted(set(i % m.n_layers for i in m.memory.swa_layers)) != list(range(m.n_layers)):
-            raise ConfigError("model.memory.swa_layers: only Mistral with a window on every layer can be exported")
+            raise ConfigError("model.memory.swa_layers: sliding windows export only as Mistral with a window on "
+                              "every layer")
         window = m.memory.window
     r = m.rope_scaling
     scaling = None
