@@ -52,18 +52,13 @@ def make_checkpoint(case: str, folder: str, seed: int = 0, **overrides) -> torch
 def trained_model(run_dir: str):
     """longctx's model of a run with the weights of its latest checkpoint, straight from the
     engine's files (not through an export)."""
-    from omegaconf import OmegaConf
-
-    from longctx.config import from_container
     from longctx.models.hf import build_model
-    from longctx.trainer.evaluate import load_model_state, locate
+    from longctx.trainer.evaluate import EvalTarget, eval_config, load_checkpoint_weights, locate
     from longctx.trainer.loop import resolve_vocab_size
     from longctx.trainer.tokenizer import build_tokenizer
 
-    _, checkpoint = locate(run_dir)
-    cfg = from_container(OmegaConf.to_container(OmegaConf.load(f"{run_dir}/config.yaml")))
+    target = EvalTarget(*locate(run_dir))
+    cfg = eval_config(target, [])
     model = build_model(cfg.model, resolve_vocab_size(cfg, build_tokenizer(cfg.data.tokenizer)))
-    missing, unexpected = model.load_state_dict(load_model_state(checkpoint), strict=False)
-    assert not unexpected and set(missing) <= {"output.weight"}, (missing, unexpected)
-    model.tie_weights()
+    load_checkpoint_weights(model, target.checkpoint)
     return model.eval()

@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
-from omegaconf import OmegaConf
-
-from longctx.config import ConfigError, from_container
+from longctx.config import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,7 +39,7 @@ def tokenizer_folder(spec: str):
 
 def export(target: str, out_dir: str, dtype: str = "bf16") -> str:
     from longctx.models.hf import build_model, save_pretrained
-    from longctx.trainer.evaluate import load_model_state, locate
+    from longctx.trainer.evaluate import EvalTarget, eval_config, load_checkpoint_weights, locate
     from longctx.trainer.loop import resolve_vocab_size
     from longctx.trainer.tokenizer import build_tokenizer
 
@@ -50,15 +48,10 @@ def export(target: str, out_dir: str, dtype: str = "bf16") -> str:
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"output folder '{out_dir}' exists and is not empty; choose another (nothing was written)")
     run_dir, checkpoint = locate(target)
-    cfg = from_container(OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml"))))
+    cfg = eval_config(EvalTarget(run_dir, checkpoint), [])
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, resolve_vocab_size(cfg, tokenizer), "cpu")
-    state = load_model_state(checkpoint)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if [m for m in missing if not (cfg.model.tie_embeddings and m == "output.weight")] or unexpected:
-        raise ConfigError(f"checkpoint '{checkpoint}' does not match the run's model: missing {missing}, "
-                          f"unexpected {unexpected}")
-    model.tie_weights()
+    load_checkpoint_weights(model, checkpoint)
     trained = max(cfg.model.max_position_embeddings, cfg.data.seq_len)
     return save_pretrained(model, out_dir, tokenizer_folder(cfg.data.tokenizer), dtype=DTYPES[dtype],
                            max_position_embeddings=trained, extra_config=token_ids(cfg, tokenizer))

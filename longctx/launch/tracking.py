@@ -93,20 +93,13 @@ def plot_loss_curve(uri: str, run_id: str, out_png: str) -> Optional[str]:
     if not train:
         return None
     evals = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval/loss"))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from longctx.plots import pyplot, save_line_plot
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=120)
     ax.plot(*zip(*train), label="train loss", lw=1.4)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(f"loss — {client.get_run(run_id).info.run_name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return save_line_plot(fig, ax, out_png)

@@ -194,11 +194,6 @@ def hf_name(name: str) -> str:
     raise ValueError(f"parameter '{name}' has no Hugging Face equivalent (gated-memory blocks cannot be exported)")
 
 
-def own_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """name -> parameter, the tied lm head left out (it is the embedding table)."""
-    return dict(model.named_parameters())  # named_parameters yields a shared tensor once, under its first name
-
-
 def _weight_files(path: str) -> dict[str, str]:
     """tensor name -> safetensors file, from the index or the single file."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -234,7 +229,8 @@ def match_weights(model: torch.nn.Module, path: str) -> dict[str, tuple[str, tor
     from safetensors import safe_open
 
     files = _weight_files(path)
-    wanted = {hf_name(n): p for n, p in own_parameters(model).items()}
+    # named_parameters yields a tied lm head once, as the embedding table
+    wanted = {hf_name(n): p for n, p in model.named_parameters()}
     missing = sorted(set(wanted) - set(files))
     if missing:
         raise ConfigError(f"checkpoint '{path}' lacks tensor '{missing[0]}'"
@@ -378,7 +374,7 @@ def save_pretrained(model, out_dir: str, tokenizer_dir: Optional[str] = None, *,
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"output folder '{out_dir}' exists and is not empty; choose another (nothing was written)")
     config = hf_config(model, max_position_embeddings, dtype, extra_config)
-    tensors = {hf_name(n): p.detach().to("cpu", dtype).contiguous() for n, p in own_parameters(model).items()}
+    tensors = {hf_name(n): p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()}
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -393,7 +389,7 @@ def save_pretrained(model, out_dir: str, tokenizer_dir: Optional[str] = None, *,
     weight_map = {}
     for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n].clone() for n in names}, os.path.join(tmp, file), metadata={"format": "pt"})
+        save_file({n: tensors[n] for n in names}, os.path.join(tmp, file), metadata={"format": "pt"})
         weight_map.update({n: file for n in names})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     _write_json(os.path.join(tmp, "model.safetensors.index.json"),

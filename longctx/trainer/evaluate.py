@@ -99,6 +99,16 @@ def load_model_state(checkpoint: str) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(engine_dir, tag="engine")
 
 
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str) -> None:
+    """The checkpoint's consolidated weights into `model` (its lm head re-tied when tied);
+    an error naming what does not match."""
+    missing, unexpected = model.load_state_dict(load_model_state(checkpoint), strict=False)
+    if [m for m in missing if not (model.cfg.tie_embeddings and m == "output.weight")] or unexpected:
+        raise ConfigError(f"checkpoint '{checkpoint}' does not match the model: missing {missing}, "
+                          f"unexpected {unexpected}")
+    model.tie_weights()
+
+
 def load_trainer(cfg: Config, ctx, checkpoint: Optional[str]):
     """An evaluation `Trainer` (model and `parallelize` only) with the checkpoint's weights
     (without a checkpoint: what the Trainer built, e.g. `model.init_from`'s weights)."""
@@ -107,13 +117,7 @@ def load_trainer(cfg: Config, ctx, checkpoint: Optional[str]):
     trainer = Trainer(cfg, ctx, for_training=False)
     if checkpoint is None:
         return trainer
-    state = load_model_state(checkpoint)
-    missing, unexpected = trainer.model.load_state_dict(state, strict=False)
-    if [m for m in missing if not m.endswith("output.weight")] or unexpected:
-        raise RuntimeError(f"checkpoint '{checkpoint}' does not match the model: missing {missing}, "
-                           f"unexpected {unexpected}")
-    if cfg.model.tie_embeddings:
-        trainer.model.tie_weights()
+    load_checkpoint_weights(trainer.model, checkpoint)
     return trainer
 
 

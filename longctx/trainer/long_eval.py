@@ -35,6 +35,7 @@ import torch
 
 from longctx.config import Config, ConfigError
 from longctx.trainer.loss import IGNORE_INDEX, token_losses
+from longctx.plots import pyplot, save_line_plot
 from longctx.trainer.packing import empty_rows, tokenize_document
 from longctx.trainer.sources import derive_seed, open_documents
 from longctx.trainer.synthetic import FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey, synthetic_document
@@ -413,17 +414,10 @@ def curve_metrics(results: dict) -> tuple[str, list[tuple[int, float]]]:
     return "ppl/by_position", [(b["end"], b["ppl"]) for b in results["buckets"] if b["ppl"] is not None]
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_niah(results: dict, out_png: str, title: str = "") -> str:
     """Heatmap: needle depth (y) x context length (x), colour = accuracy, each cell annotated;
     a dashed line marks the training length."""
-    plt = _pyplot()
+    plt = pyplot()
     lengths, depths, grid = results["lengths"], results["depths"], results["grid"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.4 + 0.42 * len(depths)), dpi=120)
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
@@ -449,7 +443,7 @@ def plot_niah(results: dict, out_png: str, title: str = "") -> str:
 def plot_ppl(results: dict, out_png: str, title: str = "") -> str:
     """Perplexity per position bucket against the bucket's middle position; a dashed line
     marks the training length."""
-    plt = _pyplot()
+    plt = pyplot()
     points = [((b["start"] + b["end"]) / 2, b["ppl"]) for b in results["buckets"] if b["ppl"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(*zip(*points), "o-", lw=1.4)
@@ -457,12 +451,7 @@ def plot_ppl(results: dict, out_png: str, title: str = "") -> str:
     ax.set_xlabel("position in the document (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title or f"perplexity by position: {results['docs']} {results['source']}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return save_line_plot(fig, ax, out_png)
 
 
 def run_task(trainer, task: str, options) -> dict:
