@@ -125,7 +125,11 @@ class TrainConfig:
     eval_batches: int = 4
     stop_at_step: Optional[int] = None  # end this launch at this step with a checkpoint; the schedule still targets train.steps
     device: str = "auto"  # auto | cpu | cuda
-    activation_checkpointing: bool = False  # recompute each block in backward: memory per layer ~ its input only
+    # true: recompute each block in backward, keeping only its input; offload: the kept
+    # inputs wait in (pinned) CPU memory until backward needs them
+    activation_checkpointing: Any = False  # false | true | offload
+    loss: str = "chunked"  # chunked: the lm head and cross-entropy a chunk of tokens at a time | full: full logits
+    loss_chunk_size: Optional[int] = None  # tokens per chunk; None = one chunk's fp32 logits <= 128 MiB
 
 
 @dataclass
@@ -206,6 +210,8 @@ _OWN_CHOICES = {
     "parallel.cad_scope": ("cp", "dp"),
     "train.dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.activation_checkpointing": (False, True, "offload"),
+    "train.loss": ("chunked", "full"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
 }
@@ -362,7 +368,8 @@ def validate(cfg: Config) -> None:
     flat = to_flat_dict(cfg)
     for key, allowed in choices().items():
         if flat[key] not in allowed:
-            shown = ", ".join(repr(c) if c is None else str(c) for c in allowed)
+            shown = ", ".join(repr(c) if c is None else str(c).lower() if isinstance(c, bool) else str(c)
+                              for c in allowed)
             raise ConfigError(f"config key '{key}' = {flat[key]!r}: expected one of {shown}")
     positive = ["model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "data.seq_len",
                 "parallel.cp", "train.steps", "train.micro_batch_size", "train.grad_accum",
@@ -403,6 +410,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1)")
     if cfg.data.min_doc_len > cfg.data.max_doc_len:
         raise ConfigError("data.min_doc_len must not exceed data.max_doc_len")
+    if cfg.train.loss_chunk_size is not None and cfg.train.loss_chunk_size <= 0:
+        raise ConfigError(f"train.loss_chunk_size={cfg.train.loss_chunk_size} must be a positive number of "
+                          f"tokens (or null: sized by the vocabulary)")
     if cfg.train.stop_at_step is not None and cfg.train.stop_at_step <= 0:
         raise ConfigError("train.stop_at_step must be positive (or null)")
     if cfg.checkpoint.every < 0 or cfg.train.eval_every < 0:

@@ -15,6 +15,7 @@ document inside a packed row see exactly what it would see alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, Optional
@@ -217,6 +218,27 @@ def build_block(cfg: ModelConfig, kind: str) -> nn.Module:
     return MemoryBlock(cfg)
 
 
+class LMHead(nn.Linear):
+    """The output projection (`nn.Linear(dim, vocab, bias=False)`, state-dict name
+    `output.weight`). Called with `labels` it returns the per-token fp32 cross-entropy and
+    the argmax prediction instead of logits, `chunk_size` tokens at a time
+    (`longctx.kernels.linear_cross_entropy`), so the `[tokens, vocab]` logits never exist;
+    `chunk_size = 0` computes the full logits first (the plain reference)."""
+
+    chunk_size: Optional[int] = None  # None = sized by the vocabulary; 0 = full logits
+
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        if labels is None:
+            return super().forward(h)
+        if self.chunk_size == 0:
+            logits = super().forward(h).float()
+            losses = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none")
+            return losses.view(labels.shape), logits.argmax(-1)
+        from longctx.kernels.linear_cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(h, self.weight, labels, chunk_size=self.chunk_size)
+
+
 class Transformer(nn.Module):
     """The one decoder-only model: embeddings, a stack of blocks, final norm, lm head.
 
@@ -235,7 +257,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
         self.layers = nn.ModuleList(build_block(cfg, kind) for kind in layer_specs(cfg))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
+        self.output = LMHead(cfg.dim, vocab_size, bias=False)
         # RoPE frequencies: computed once, on the CPU, never a parameter or a state-dict entry.
         self.inv_freq, self.rope_scale = rope_frequencies(cfg)
         self.tie_weights()
@@ -248,23 +270,30 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, gather: Optional[Callable] = None) -> None:
         """normal(0, init_std) for embeddings and linears; the projections that write into
         the residual stream scaled by 1/sqrt(2 * n_layers) so the residual's variance does
         not grow with depth (GPT-2); norms to 1. Each block initialises its own parts.
 
         Public so a model built on the meta device can be materialised with
         `to_empty(device=...)` and then initialised (this also re-ties the lm head).
+        `gather(params)`, when given, is a context manager that makes a list of parameters
+        whole while they are written (ZeRO-3's partitioned build: one block at a time).
         """
+        whole = gather if gather is not None else (lambda params: contextlib.nullcontext())
         self.tie_weights()
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        with whole([self.tok_embeddings.weight]):
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
         if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+            with whole([self.output.weight]):
+                nn.init.normal_(self.output.weight, mean=0.0, std=std)
         for layer in self.layers:
-            layer.init_weights(std, residual_std)
-        self.norm.reset_parameters()
+            with whole(list(layer.parameters())):
+                layer.init_weights(std, residual_std)
+        with whole([self.norm.weight]):
+            self.norm.reset_parameters()
 
     def set_attention(self, fn: AttentionFn) -> None:
         """Route every attention layer through `fn(q, k, v, doc_ids, *, window=None) -> out`
@@ -277,13 +306,17 @@ class Transformer(nn.Module):
         return [layer.kind for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids, position_ids, doc_ids: `[B, S]` -> logits `[B, S, vocab]` in the lm head's dtype."""
+                doc_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+        """input_ids, position_ids, doc_ids: `[B, S]` -> logits `[B, S, vocab]` in the lm head's dtype.
+
+        With `labels [B, S]` (`-100` = no target): `(losses, predictions)`, the fp32
+        cross-entropy of each token (0 where ignored) and the argmax token, computed by
+        the lm head without materialising the logits (`LMHead`)."""
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_scale)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, doc_ids)
-        return self.output(self.norm(h))
+        return self.output(self.norm(h), labels)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count, a tied tensor counted once. `exclude_embedding` drops the
@@ -294,5 +327,5 @@ class Transformer(nn.Module):
         return n
 
 
-__all__ = ["Transformer", "TransformerBlock", "Attention", "FeedForward", "RMSNorm", "rope_cos_sin",
+__all__ = ["Transformer", "LMHead", "TransformerBlock", "Attention", "FeedForward", "RMSNorm", "rope_cos_sin",
            "apply_rope", "init_attention_ffn", "local_attention", "default_attention", "AttentionFn", "layer_specs", "build_block"]

@@ -34,7 +34,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from longctx.config import Config, ConfigError
-from longctx.trainer.loss import IGNORE_INDEX, token_losses
+from longctx.trainer.loss import IGNORE_INDEX
 from longctx.plots import pyplot, save_line_plot
 from longctx.trainer.packing import empty_rows, tokenize_document
 from longctx.trainer.sources import derive_seed, open_documents
@@ -153,12 +153,14 @@ def eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
-def local_logits(trainer, batch: dict) -> tuple[torch.Tensor, dict]:
-    """fp32 logits of this rank's tokens of `batch` (padded and sharded like a training row)."""
+def local_losses(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """fp32 token losses and argmax predictions of this rank's tokens of `batch` (padded and
+    sharded like a training row), from the lm head without the full logits."""
     local = trainer.shard_batch(batch)
     with trainer.autocast():
-        logits = trainer.module(local["input_ids"], local["position_ids"], local["doc_ids"])
-    return logits.float(), local
+        losses, predictions = trainer.module(local["input_ids"], local["position_ids"], local["doc_ids"],
+                                             labels=local["labels"])
+    return losses, predictions, local
 
 
 def single_document_rows(docs: Sequence[Optional[tuple[list[int], list[int]]]], length: int, pad_id: int) -> dict:
@@ -266,9 +268,9 @@ def niah_prompt(tokenizer, haystack: Haystack, length: int, depth: float, sample
 def answer_errors(trainer, rows: dict) -> list[float]:
     """Per row of `rows` (one forward): answer tokens that are not the argmax given the
     correct prefix, summed over the cp group. 0 = greedy decoding writes the answer."""
-    logits, local = local_logits(trainer, rows)
+    _, predictions, local = local_losses(trainer, rows)
     labels = local["labels"]
-    wrong = ((logits.argmax(-1) != labels) & (labels != IGNORE_INDEX)).sum(dim=1)
+    wrong = ((predictions != labels) & (labels != IGNORE_INDEX)).sum(dim=1)
     return trainer.mesh.all_reduce(wrong.tolist(), group="cp")
 
 
@@ -358,9 +360,9 @@ def run_ppl(trainer, opt: PplOptions) -> dict:
     with eval_mode(trainer.module):
         for group in batches(rank_share(docs, mesh), opt.batch_size):
             rows = single_document_rows([(d[:-1], d[1:]) if d else None for d in group], opt.length, tok.pad_id)
-            logits, local = local_logits(trainer, rows)
+            losses, _, local = local_losses(trainer, rows)
             valid = local["labels"] != IGNORE_INDEX
-            losses = token_losses(logits, local["labels"])[valid].double().cpu()
+            losses = losses[valid].double().cpu()
             pos = local["position_ids"][valid].cpu()
             bucket = pos // width
             ones = torch.ones_like(losses)

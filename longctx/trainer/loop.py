@@ -32,7 +32,7 @@ from longctx.trainer.distributed import pick_device
 from longctx.trainer.engine import bf16_autocast, partitions_on_build, zero3_build, zero3_gather
 from longctx.trainer.long_eval import (min_niah_length, plot_niah, run_niah, summary_metrics, train_end_niah,
                                        trains_passkey)
-from longctx.trainer.loss import count_targets, cp_normalized_loss, token_loss_sum
+from longctx.trainer.loss import IGNORE_INDEX, configure_loss, count_targets, cp_normalized_loss
 from longctx.trainer.metrics import RunLogger
 from longctx.trainer.packing import PackedRows, eval_rows, pad_rows
 from longctx.trainer.tokenizer import build_tokenizer
@@ -82,16 +82,20 @@ class Trainer:
 
         # Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(cfg.train.seed)
-        if partitions_on_build(cfg, for_training):  # ZeRO-3 from a checkpoint: never whole on a rank
+        if partitions_on_build(cfg, for_training):  # ZeRO-3: the model is never whole on a rank
             with zero3_build(cfg, self.device):
                 model = Transformer(cfg.model, self.vocab_size)
-            load_weights(model, cfg.model.init_from, gather=zero3_gather, reader=self.mesh.rank == 0)
+            if cfg.model.init_from:
+                load_weights(model, cfg.model.init_from, gather=zero3_gather, reader=self.mesh.rank == 0)
+            else:  # the same weights as an unpartitioned build: one block whole at a time
+                model.init_weights(gather=zero3_gather)
         elif cfg.model.init_from:  # pretrained: built uninitialised, then each tensor read in place
             model = build_model(cfg.model, self.vocab_size, self.device)
             load_weights(model, cfg.model.init_from)
         else:
             with torch.device(self.device):
                 model = Transformer(cfg.model, self.vocab_size)
+        configure_loss(model, cfg.train)
         self.parallel = parallelize(model, self.mesh, cfg, self.device, engine=for_training)
         self.model, self.strategy = model, self.parallel.strategy
         self.row_multiple = self.parallel.row_multiple
@@ -121,9 +125,10 @@ class Trainer:
         group (the cp=1 loss)."""
         n_valid = count_targets(batch["labels"])  # the whole row, on the host: no collective
         local = self.shard_batch(batch)
-        with self.autocast():
-            logits = self.module(local["input_ids"], local["position_ids"], local["doc_ids"])
-        loss_sum = token_loss_sum(logits, local["labels"])
+        with self.autocast():  # per-token losses from the lm head, without the full logits
+            losses, _ = self.module(local["input_ids"], local["position_ids"], local["doc_ids"],
+                                    labels=local["labels"])
+        loss_sum = losses.sum()
         self.engine.backward(cp_normalized_loss(loss_sum, n_valid, self.mesh))
         return self.mesh.all_reduce([loss_sum.item()], group="cp")[0] / max(n_valid, 1)
 
@@ -196,13 +201,14 @@ class Trainer:
         totals = [0.0] * 5
         for batch in self._eval_batches:
             local = self.shard_batch(batch)
-            with self.autocast():
-                logits = self.module(local["input_ids"], local["position_ids"], local["doc_ids"]).float()
             labels = local["labels"]
-            valid = labels != -100
-            correct = (logits.argmax(-1) == labels) & valid
+            with self.autocast():
+                losses, predictions = self.module(local["input_ids"], local["position_ids"], local["doc_ids"],
+                                                  labels=labels)
+            valid = labels != IGNORE_INDEX
+            correct = (predictions == labels) & valid
             answer = local["answer_mask"].bool() & valid
-            for i, value in enumerate((token_loss_sum(logits, labels).double(), valid.sum(), correct.sum(),
+            for i, value in enumerate((losses.double().sum(), valid.sum(), correct.sum(),
                                        answer.sum(), (correct & answer).sum())):
                 totals[i] += value.item()
         self.module.train()

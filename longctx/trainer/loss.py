@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed fp32 cross-entropy of this rank's tokens (targets `-100` ignored)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+from longctx.kernels.linear_cross_entropy import IGNORE_INDEX
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """fp32 cross-entropy of each token, `[B, S]` (0 where the target is `-100`): what
-    `token_loss_sum` sums, kept per token (perplexity by position)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="none").view(labels.shape)
+def configure_loss(model, train_cfg) -> None:
+    """Hand the lm head the configured loss (`train.loss`, `train.loss_chunk_size`): the model
+    then returns per-token losses and predictions when called with `labels`, computed a chunk
+    of tokens at a time (`longctx.kernels.linear_cross_entropy`) or from the full logits."""
+    model.output.chunk_size = 0 if train_cfg.loss == "full" else train_cfg.loss_chunk_size
 
 
 def cp_normalized_loss(loss_sum: torch.Tensor, n_valid: float, mesh) -> torch.Tensor:
@@ -44,4 +37,4 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
-__all__ = ["token_loss_sum", "token_losses", "cp_normalized_loss", "count_targets", "IGNORE_INDEX"]
+__all__ = ["configure_loss", "cp_normalized_loss", "count_targets", "IGNORE_INDEX"]
