@@ -124,7 +124,8 @@ def parallelize(model: Transformer, mesh, cfg, device: torch.device, *, strategy
     if cfg.train.activation_checkpointing:
         from longctx.trainer.activation_checkpoint import apply_activation_checkpointing
 
-        wrapped = apply_activation_checkpointing(model, only=TransformerBlock)
+        wrapped = apply_activation_checkpointing(model, only=TransformerBlock,
+                                                 offload=cfg.train.activation_checkpointing == "offload")
     built = None
     if engine:
         from longctx.trainer.engine import build_engine

@@ -190,10 +190,10 @@ def _start_deepspeed(device: torch.device):
 
 
 def partitions_on_build(cfg: Config, for_training: bool) -> bool:
-    """ZeRO-3 training from a checkpoint: parameters are partitioned as they are created and
-    filled from the files (`zero3_build`, `zero3_gather`), never whole on every rank."""
-    return (for_training and cfg.train.engine == "deepspeed" and cfg.deepspeed.zero_stage == 3
-            and bool(cfg.model.init_from))
+    """ZeRO-3 training: parameters are partitioned as they are created (`zero3_build`) and
+    then initialised or filled from the checkpoint's files a block or a tensor at a time
+    (`zero3_gather`), never whole on every rank."""
+    return for_training and cfg.train.engine == "deepspeed" and cfg.deepspeed.zero_stage == 3
 
 
 def zero3_build(cfg: Config, device: torch.device):
@@ -203,12 +203,13 @@ def zero3_build(cfg: Config, device: torch.device):
     return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg))
 
 
-def zero3_gather(param: torch.nn.Parameter):
-    """Context manager: `param` whole on every rank; what rank 0 writes into it is kept
-    (broadcast, then partitioned again on exit)."""
+def zero3_gather(params):
+    """Context manager: a parameter (or a list of them) whole on every rank; what rank 0
+    writes into it is kept (broadcast, then partitioned again on exit)."""
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    return deepspeed.zero.GatheredParameters(params if isinstance(params, (list, tuple)) else [params],
+                                             modifier_rank=0)
 
 
 class DeepSpeedEngine(Engine):
