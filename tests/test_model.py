@@ -251,6 +251,20 @@ def test_memory_per_gpu_follows_zero_stage_and_world_size():
     act_cp1 = estimate.memory_per_gpu(_cfg(cp=1), VOCAB)["activations"]
     assert mem[2]["activations"] == pytest.approx(act_cp1 / 2)
 
+    # The full-logits loss keeps vocab x (2 + 4) bytes a token (bf16 logits and their fp32
+    # copy); the chunked one 16 bytes a token plus one chunk's logits. Here the 512 local
+    # tokens of a micro-batch fit in one chunk, so only the 16 bytes differ; at 128k tokens
+    # and Llama-3's vocabulary the chunk is 261 tokens and the logits' gigabytes are gone.
+    full = _cfg()
+    full.train.loss = "full"
+    gap = estimate.memory_per_gpu(full, VOCAB)["activations"] - mem[2]["activations"]
+    assert gap == pytest.approx(-16 * 2 * 512 / 2)
+    big = _cfg()
+    big.data.seq_len = 131072
+    chunk = estimate.memory_per_gpu(big, 128256)["activations"]
+    big.train.loss = "full"
+    assert estimate.memory_per_gpu(big, 128256)["activations"] - chunk > 2 * 65536 * 128256 * 5
+
 
 def test_plan_text_has_the_key_numbers():
     cfg = _cfg(stage=2, workers=4, cp=2)

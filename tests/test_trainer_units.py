@@ -105,3 +105,35 @@ def test_engines_agree_with_gradient_accumulation(tmp_path):
     ddp = run_distributed(_accum_fp32_body, 1, "ddp", str(tmp_path / "ddp"), timeout=240)[0]
     torch.testing.assert_close(ds, ddp, rtol=1e-5, atol=0)
     assert ds[-1] < ds[0]
+
+
+def _mfu_body(rank, world, run_dir):
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    from longctx.kernels import visible_pairs
+    from longctx.trainer import loop
+    from longctx.trainer.loop import RunContext, Trainer
+
+    loop.peak_flops = lambda device, dtype: 1e12  # a CPU has no known peak; MFU needs one
+    cfg = load_config(None, ["train.engine=ddp", "parallel.cp=2", "ray.num_workers=2", "data.seq_len=128",
+                             "data.task=mix", "data.min_doc_len=10", "data.max_doc_len=60", "model.dim=64",
+                             "train.grad_accum=2", "train.activation_checkpointing=true", "logging.mlflow=false"])
+    trainer = Trainer(cfg, RunContext(run_dir=run_dir, checkpoint_dir=os.path.join(run_dir, "c"), launch_id="t"))
+    rows = []
+    next_batch = trainer.data.next_batch
+    trainer.data.next_batch = lambda n: rows.append(next_batch(n)) or rows[-1]
+    m = trainer.train_step()
+    idx = torch.arange(128)
+    pairs = sum(visible_pairs(idx, idx, b["doc_ids"], b["doc_ids"], causal=True) for b in rows)
+    return {"attn": m["perf/attn_tflops"] * 1e12 * m["perf/step_time_s"] * world, "mfu": m["perf/mfu"],
+            "dt": m["perf/step_time_s"], "pairs": pairs, "causal_pairs": len(rows) * 128 * 129 // 2,
+            "dense": trainer._flops_per_token * 2 * 128, "per_pair": 3.5 * 4 * cfg.model.n_heads * 16 * 2}
+
+
+def test_mfu_counts_the_visible_pairs_computed(tmp_path):
+    """MFU and attention TFLOP/s come from the pairs the strategy computed (packed documents:
+    far fewer than a causal row), once per layer although checkpointing recomputes forwards."""
+    out = run_distributed(_mfu_body, 2, str(tmp_path), timeout=240)[0]
+    assert out["pairs"] < 0.7 * out["causal_pairs"]  # several documents per row
+    want = out["per_pair"] * out["pairs"]  # 3.5 x 4 H D per visible pair, 2 layers, dim 64 / 4 heads
+    assert out["attn"] == pytest.approx(want, rel=1e-9)
+    assert out["mfu"] == pytest.approx((out["dense"] + want) / out["dt"] / (1e12 * 2), rel=1e-9)

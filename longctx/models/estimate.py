@@ -111,7 +111,8 @@ def _dtype_bytes(dtype: str) -> int:
     return {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
 
 
-def activation_bytes_per_token(model_cfg: ModelConfig, vocab_size: int, dtype: str) -> dict[str, float]:
+def activation_bytes_per_token(model_cfg: ModelConfig, vocab_size: int, dtype: str,
+                               loss: str = "chunked") -> dict[str, float]:
     """Bytes saved for backward per local token (no activation checkpointing).
 
     A deliberately simple count of the main tensors autograd keeps, per layer, in the
@@ -121,17 +122,32 @@ def activation_bytes_per_token(model_cfg: ModelConfig, vocab_size: int, dtype: s
         kernel's fp32 log-sum-exp (H). The kernel is chunked, so nothing is S x S: memory is
         linear in tokens.
       - SwiGLU: w1 out, w3 out, silu(w1 out), their product: 4 * ffn_hidden
-    Outside the layers: the embedding output and final norm (2 * dim), the logits in the
-    compute dtype plus the fp32 copy the loss makes (vocab * (b + 4)), and RoPE cos/sin
-    (fp32, D per token, shared by all layers).
+    Outside the layers: the embedding output and final norm (2 * dim), RoPE cos/sin (fp32,
+    D per token, shared by all layers), and the loss: with `loss="full"` the logits in the
+    compute dtype plus the fp32 copy the loss makes (vocab * (b + 4)); with the chunked loss
+    only its fp32 log-sum-exp, loss and int64 prediction (16 bytes; one chunk's logits are
+    `loss_chunk_bytes`, not per token).
     Not counted: fp32 temporaries of norms/RoPE, CP strategies' in-flight K/V buffers
     (a few local K/V blocks), allocator fragmentation. Treat the total as a floor.
     """
     m, d, f = model_cfg, head_dim(model_cfg), ffn_hidden(model_cfg)
     b = _dtype_bytes(dtype)
     per_layer = b * (4 * m.dim + (2 * m.n_heads + 2 * m.n_kv_heads) * d + 4 * f) + 4 * m.n_heads
-    outside = b * 2 * m.dim + vocab_size * (b + 4) + 4 * d
+    head = vocab_size * (b + 4) if loss == "full" else 16
+    outside = b * 2 * m.dim + head + 4 * d
     return {"layers": m.n_layers * per_layer, "outside": outside}
+
+
+def loss_chunk_bytes(cfg: Config, vocab_size: int, local_tokens: float) -> float:
+    """Peak bytes of the chunked loss beyond the per-token vectors: one chunk's fp32 logits
+    and its cast to the compute dtype for the backward matmuls (0 for `train.loss=full`,
+    whose logits are counted per token)."""
+    from longctx.kernels.linear_cross_entropy import default_chunk_size
+
+    if cfg.train.loss == "full":
+        return 0.0
+    chunk = min(cfg.train.loss_chunk_size or default_chunk_size(vocab_size), local_tokens)
+    return chunk * vocab_size * (4 + _dtype_bytes(cfg.train.dtype))
 
 
 def memory_per_gpu(cfg: Config, vocab_size: int, world_size: Optional[int] = None) -> dict[str, float]:
@@ -144,8 +160,10 @@ def memory_per_gpu(cfg: Config, vocab_size: int, world_size: Optional[int] = Non
     the optimizer states, ZeRO-2 also the grads, ZeRO-3 also the weights. The DDP engine
     and ZeRO-0 shard nothing.
     Activations: `activation_bytes_per_token` for the `micro_batch_size * seq_len / cp`
-    tokens this rank holds; with `train.activation_checkpointing` each layer keeps only its
-    input and one layer's full activations exist at a time.
+    tokens this rank holds, plus one chunk of the chunked loss; with
+    `train.activation_checkpointing` each layer keeps only its input and one layer's full
+    activations exist at a time (offloaded inputs are counted too: they leave the GPU, but
+    a floor should not assume it).
     """
     world = world_size if world_size is not None else cfg.ray.num_workers
     n = count_params(cfg.model, vocab_size)
@@ -156,7 +174,7 @@ def memory_per_gpu(cfg: Config, vocab_size: int, world_size: Optional[int] = Non
     shard = lambda nbytes, from_stage: nbytes / world if stage >= from_stage else float(nbytes)  # noqa: E731
 
     local_tokens = cfg.train.micro_batch_size * cfg.data.seq_len / cfg.parallel.cp
-    act = activation_bytes_per_token(cfg.model, vocab_size, cfg.train.dtype)
+    act = activation_bytes_per_token(cfg.model, vocab_size, cfg.train.dtype, cfg.train.loss)
     if cfg.train.activation_checkpointing:
         # Each block keeps only its input; one block at a time is rebuilt in full.
         per_layer = act["layers"] / cfg.model.n_layers
@@ -165,7 +183,8 @@ def memory_per_gpu(cfg: Config, vocab_size: int, world_size: Optional[int] = Non
         "params": shard(n * b, 3),
         "grads": shard(n * b, 2),
         "optimizer": shard(n * opt_per_param, 1),
-        "activations": local_tokens * (act["layers"] + act["outside"]),
+        "activations": local_tokens * (act["layers"] + act["outside"]) + loss_chunk_bytes(cfg, vocab_size,
+                                                                                           local_tokens),
     }
     mem["total"] = sum(mem.values())
     return mem
@@ -191,6 +210,7 @@ def _format_count(n: float) -> str:
 
 def plan_text(cfg: Config, vocab_size: int) -> str:
     """Readable summary of what `longctx train` would run, for `--dry-run`."""
+    from longctx.kernels.linear_cross_entropy import default_chunk_size
     from longctx.models.llama import layer_specs
 
     m, t = cfg.model, cfg.train
@@ -222,7 +242,12 @@ def plan_text(cfg: Config, vocab_size: int) -> str:
         f"x dp {dp} x seq_len {seq}",
         f"world        {world} workers = dp {dp} x cp {cp}, strategy {cfg.parallel.strategy}",
         f"tokens/rank  {seq // cp:,} of each row (seq_len {seq} / cp {cp})",
-        f"engine       {engine}, dtype {t.dtype}",
+        f"engine       {engine}, dtype {t.dtype}" + (
+            f", activation checkpointing{' (inputs offloaded to CPU)' if t.activation_checkpointing == 'offload' else ''}"
+            if t.activation_checkpointing else ""),
+        "loss         " + ("full logits (tokens x vocab fp32)" if t.loss == "full" else
+                            f"chunked, {t.loss_chunk_size or default_chunk_size(vocab_size):,} tokens a chunk "
+                            f"(no tokens x vocab logits)"),
         f"memory/GPU   {format_bytes(mem['total'])} (estimate): params {format_bytes(mem['params'])}, "
         f"grads {format_bytes(mem['grads'])}, optimizer {format_bytes(mem['optimizer'])}, "
         f"activations {format_bytes(mem['activations'])}",

@@ -142,7 +142,7 @@ def deepspeed_config(cfg: Config) -> dict:
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 0.0,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": zero_buckets(cfg),
         "bf16": {"enabled": cfg.train.dtype == "bf16"},
         # We hand DeepSpeed a torch AdamW: it runs on every device and keeps CPU
         # runs free of DeepSpeed's JIT-compiled optimizer ops.
@@ -152,6 +152,21 @@ def deepspeed_config(cfg: Config) -> dict:
         "wall_clock_breakdown": False,
     }
     return _deep_merge(ds, cfg.deepspeed.config)
+
+
+def zero_buckets(cfg: Config) -> dict:
+    """`zero_optimization` with buckets sized by the model, not DeepSpeed's defaults (5e8
+    elements: a gradient bucket as large as a 100M-parameter model on every rank): the
+    reduce bucket and ZeRO-3's prefetch bucket hold about dim^2 elements, and parameters
+    under 10 * dim elements (norms, biases) stay whole (the sizes Hugging Face's DeepSpeed
+    integration derives from `hidden_size`). `deepspeed.config` may override each."""
+    dim = cfg.model.dim
+    zero = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage >= 1:
+        zero.update(reduce_bucket_size=dim * dim, allgather_bucket_size=max(dim * dim, 2**22))
+    if cfg.deepspeed.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * dim * dim), stage3_param_persistence_threshold=10 * dim)
+    return zero
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -201,6 +216,18 @@ def zero3_build(cfg: Config, device: torch.device):
     ranks as each is created (`deepspeed.zero.Init` with the run's DeepSpeed config)."""
     deepspeed = _start_deepspeed(device)
     return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg))
+
+
+def release_freed_host_memory() -> None:
+    """Hand memory the allocator has freed back to the OS (glibc's `malloc_trim`). A
+    partitioned build frees each module's whole tensors as it partitions them; glibc keeps
+    most of that in its heap, so without this the process looks as large as the model."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def zero3_gather(params):

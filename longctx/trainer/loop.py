@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.config import Config, ConfigError
-from longctx.models.estimate import causal_pairs_per_token, count_params, flops_per_token, peak_flops
+from longctx.models.estimate import count_params, flops_per_token, peak_flops
 from longctx.models.hf import build_model, load_weights
 from longctx.models.llama import Transformer
 from longctx.parallel import build_mesh
@@ -29,7 +29,8 @@ from longctx.parallel.parallelize import parallelize
 from longctx.parallel.stats import StrategyStats
 from longctx.trainer import checkpoint as ckpt
 from longctx.trainer.distributed import pick_device
-from longctx.trainer.engine import bf16_autocast, partitions_on_build, zero3_build, zero3_gather
+from longctx.trainer.engine import (bf16_autocast, partitions_on_build, release_freed_host_memory, zero3_build,
+                                    zero3_gather)
 from longctx.trainer.long_eval import (min_niah_length, plot_niah, run_niah, summary_metrics, train_end_niah,
                                        trains_passkey)
 from longctx.trainer.loss import IGNORE_INDEX, configure_loss, count_targets, cp_normalized_loss
@@ -89,6 +90,7 @@ class Trainer:
                 load_weights(model, cfg.model.init_from, gather=zero3_gather, reader=self.mesh.rank == 0)
             else:  # the same weights as an unpartitioned build: one block whole at a time
                 model.init_weights(gather=zero3_gather)
+            release_freed_host_memory()
         elif cfg.model.init_from:  # pretrained: built uninitialised, then each tensor read in place
             model = build_model(cfg.model, self.vocab_size, self.device)
             load_weights(model, cfg.model.init_from)
@@ -133,14 +135,13 @@ class Trainer:
         return self.mesh.all_reduce([loss_sum.item()], group="cp")[0] / max(n_valid, 1)
 
     # -- context-parallel accounting -----------------------------------------------------------------
-    def _cp_step_stats(self) -> dict:
+    def _cp_step_stats(self, calls: list) -> dict:
         """This step's CP traffic and attention-FLOP balance over the strategy's group.
 
         Bytes and FLOPs are summed over every attention call of the step (all layers,
         micro-batches, recomputation); other numeric stats a strategy reports (e.g.
         CAD's planner time) are averaged over calls (`StrategyStats.total`).
         """
-        calls = self.parallel.attention.drain()
         if not calls:
             return {}
         total = StrategyStats.total(calls)
@@ -157,7 +158,7 @@ class Trainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        self.parallel.attention.drain()
+        self.parallel.attention.drain()  # nothing from before this step
         losses = []
         for _ in range(cfg.train.grad_accum):
             losses.append(self.forward_backward(self.data.next_batch(cfg.train.micro_batch_size)))
@@ -174,18 +175,32 @@ class Trainer:
              "perf/tokens_per_s": tokens / dt, "train/tokens_seen": float(tokens * self.step)}
         if grad_norm is not None:
             m["train/grad_norm"] = grad_norm
+        calls = self.parallel.attention.drain()
         peak = peak_flops(self.device, cfg.train.dtype)
         if peak:
-            if self._flops_per_token is None:  # builds the model on meta: once
-                self._flops_per_token = flops_per_token(cfg.model, self.vocab_size, cfg.data.seq_len,
-                                                        causal_pairs_per_token(cfg.data.seq_len))
-            m["perf/mfu"] = self._flops_per_token * tokens / dt / (peak * self.mesh.world_size)
+            m.update(self._mfu(calls, tokens, dt, peak))
         if self.device.type == "cuda":
             m["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         else:  # peak resident memory of this process (Linux reports KiB)
             m["perf/peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        m.update(self._cp_step_stats())
+        m.update(self._cp_step_stats(calls))
         return m
+
+    def _mfu(self, calls: list, tokens: int, dt: float, peak: float) -> dict:
+        """Model FLOPs utilisation from what this step computed: 6 x matmul parameters per
+        token, plus the attention FLOPs of the visible query-key pairs the strategy reported
+        (`attn_flops`; packed documents and windows see far fewer than a causal square),
+        summed over all ranks. Each layer's attention backward runs once per micro-batch
+        while its forward may be recomputed (activation checkpointing), so the attention
+        work is its backward FLOPs x 3.5 / 2.5 (forward once + backward, ARCHITECTURE.md)."""
+        if self._flops_per_token is None:  # dense part (and MAC's local segment attention); meta build, once
+            self._flops_per_token = flops_per_token(self.cfg.model, self.vocab_size, self.cfg.data.seq_len,
+                                                    attn_pairs_per_token=0.0)
+        attn = 3.5 / 2.5 * sum(float(c.get("attn_flops_bwd", 0.0)) for c in calls)
+        attn = self.mesh.all_reduce([attn], group="world")[0]
+        world = self.mesh.world_size
+        return {"perf/mfu": (self._flops_per_token * tokens + attn) / dt / (peak * world),
+                "perf/attn_tflops": attn / dt / world / 1e12}
 
     # -- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
