@@ -25,7 +25,12 @@ FWD_TOL = dict(atol=1e-5, rtol=1e-5)
 GRAD_TOL = dict(atol=2e-5, rtol=2e-5)
 HALF_TOL = dict(atol=2e-2, rtol=2e-2)
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+def requires_cuda(fn):
+    """A CUDA-only check: marked `gpu` (`python -m pytest -m gpu`) and skipped without CUDA."""
+    return pytest.mark.gpu(_no_cuda(fn))
 
 
 

@@ -15,7 +15,7 @@ import json
 import math
 import os
 
-BENCHMARKS = ("kernels", "cp", "cad", "memory")
+BENCHMARKS = ("kernels", "cp", "cad", "memory", "train")
 
 
 def load(name: str):
