@@ -13,6 +13,14 @@ GQA is handled by viewing q as ``[B, H_kv, G, S, D]`` (query head
 
 Rows with no visible key give ``out = 0`` and ``lse = -inf``; nothing here
 produces NaN for such rows, forward or backward.
+
+On CPU, ``forward`` / ``backward`` first try ``cpu_fused``: PyTorch's fused
+CPU flash-attention op on blocks planned from the indices and documents
+(causal diagonals as ``is_causal`` calls, fully visible prefixes without a
+mask, documents as separate segments, invisible blocks never computed).
+Where that plan does not apply (a sliding window, unsorted indices, a
+document split into several runs, other devices or dtypes; see that module)
+the chunked path below runs. Both give the same results up to rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import math
 import operator
 
 import torch
+
+from . import cpu_fused as _cpu_fused
 
 DEFAULT_Q_CHUNK = 1024
 DEFAULT_K_CHUNK = 1024
@@ -208,6 +218,10 @@ def forward(q, k, v, *, q_index, k_index, q_doc=None, k_doc=None, causal=True, w
     lse is fp32 (fp64 when the inputs are fp64, so fp64 checks stay tight).
     """
     window = check_inputs(q, k, v, q_index, k_index, q_doc, k_doc, window)
+    fused = _cpu_fused.forward(q, k, v, q_index=q_index, k_index=k_index, q_doc=q_doc, k_doc=k_doc,
+                               causal=causal, window=window, softmax_scale=softmax_scale)
+    if fused is not None:
+        return fused
     B, S_q, H, D, S_k, H_kv, G, scale = dims(q, k, softmax_scale)
     cdt = compute_dtype(q.dtype)
     qg, kg, vg, q_index, k_index, q_doc, k_doc = _prepare(q, k, v, q_index, k_index, q_doc, k_doc, cdt)
@@ -263,6 +277,11 @@ def backward(dout, q, k, v, out, lse, *, q_index, k_index, q_doc=None, k_doc=Non
     """
     window = check_inputs(q, k, v, q_index, k_index, q_doc, k_doc, window)
     check_backward_inputs(dout, q, out, lse, delta)
+    fused = _cpu_fused.backward(dout, q, k, v, out, lse, q_index=q_index, k_index=k_index, q_doc=q_doc,
+                                k_doc=k_doc, causal=causal, window=window, softmax_scale=softmax_scale,
+                                delta=delta)
+    if fused is not None:
+        return fused
     B, S_q, H, D, S_k, H_kv, G, scale = dims(q, k, softmax_scale)
     cdt = compute_dtype(q.dtype, dout.dtype, lse.dtype)
     qg, kg, vg, q_index, k_index, q_doc, k_doc = _prepare(q, k, v, q_index, k_index, q_doc, k_doc, cdt)
