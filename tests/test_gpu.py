@@ -1,5 +1,5 @@
-"""One command to check a machine with a GPU: `python -m pytest -m gpu -q -s` (about 5-10 minutes
-on one H100-class GPU). Without CUDA every `gpu` test is skipped at collection.
+"""One command to check a machine with a GPU: `python -m pytest -m gpu -q -s` (sized for under 10
+minutes on one H100-class GPU; not yet timed on one). Without CUDA every `gpu` test is skipped.
 
 (a) Triton attention (`longctx.kernels.attention(..., backend="triton")`, bf16) against torch SDPA:
     accuracy at 4k tokens (causal, and causal inside long-tailed documents; GQA 16/4 heads,
