@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -130,6 +131,7 @@ class TrainConfig:
     activation_checkpointing: Any = False  # false | true | offload
     loss: str = "chunked"  # chunked: the lm head and cross-entropy a chunk of tokens at a time | full: full logits
     loss_chunk_size: Optional[int] = None  # tokens per chunk; None = one chunk's fp32 logits <= 128 MiB
+    max_bad_steps: int = 3  # stop after this many consecutive steps skipped for a non-finite loss/gradient
 
 
 @dataclass
@@ -141,7 +143,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping
     schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 5
+    warmup_steps: int = 5  # linear warmup; at most train.steps
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
 
@@ -177,6 +179,7 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     address: Optional[str] = None  # None = $RAY_ADDRESS, else an embedded local Ray
     max_failures: int = 1
+    resource_timeout_s: float = 600.0  # with a cluster address: seconds to wait for the autoscaler's resources
 
 
 @dataclass
@@ -214,6 +217,24 @@ _OWN_CHOICES = {
     "train.loss": ("chunked", "full"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
+}
+
+
+# Numeric ranges: key -> (check, the allowed range in words). Checked after the types.
+_RANGES = {
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.eps": (lambda v: v > 0, "> 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.decay_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.max_bad_steps": (lambda v: v >= 1, ">= 1"),
+    "ray.cpus_per_worker": (lambda v: v > 0, "> 0"),
+    "ray.max_failures": (lambda v: v >= 0, ">= 0"),
+    "ray.resource_timeout_s": (lambda v: v > 0, "> 0 (seconds)"),
 }
 
 
@@ -377,6 +398,14 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"config key '{key}' = {flat[key]}: must be a positive integer")
+    for key, (ok, allowed) in _RANGES.items():
+        if not (math.isfinite(flat[key]) and ok(flat[key])):
+            raise ConfigError(f"config key '{key}' = {flat[key]}: must be {allowed}")
+    steps, warmup = cfg.train.steps, cfg.optim.warmup_steps
+    if warmup > steps:
+        raise ConfigError(f"optim.warmup_steps={warmup} is longer than the run (train.steps={steps}): the warmup "
+                          f"must end within it; use e.g. optim.warmup_steps={min(steps - 1, max(1, steps // 10))} "
+                          f"(about a tenth of the run), or raise train.steps")
     m = cfg.model
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")

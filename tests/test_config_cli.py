@@ -12,12 +12,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from omegaconf import OmegaConf
 
 from longctx.config import ConfigError, load_config, to_container
 from longctx.launch.cli import main
+from longctx.launch.preflight import MLFLOW_HTTP_DEFAULTS, preflight, resources_needed
+from longctx.trainer.distributed import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -336,6 +341,9 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key in MLFLOW_HTTP_DEFAULTS:  # the MLflow preflight sets these: undone after the test
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     return tmp_path
 
 
@@ -354,7 +362,21 @@ BAD_INPUTS = {
     "existing_run_resume_none": (["run.name=old", "checkpoint.resume=none"],
                                  ["already holds checkpoints", "checkpoint.resume=auto", "run.name",
                                   "nothing was changed"]),
+    "negative_lr": (["optim.lr=-1"], ["optim.lr", "> 0"]),
+    "beta2_one": (["optim.beta2=1.0"], ["optim.beta2", "[0, 1)"]),
+    "warmup_longer_than_run": (["optim.warmup_steps=50", "train.steps=10"],
+                               ["optim.warmup_steps=50", "train.steps=10", "optim.warmup_steps=1"]),
+    "max_bad_steps_zero": (["train.max_bad_steps=0"], ["train.max_bad_steps", ">= 1"]),
+    # {port}: a closed port on 127.0.0.1 (connection refused)
+    "mlflow_server_down": (["logging.tracking_uri=http://127.0.0.1:{port}"],
+                           ["http://127.0.0.1:{port}", "logging.tracking_uri", "does not answer",
+                            "logging.mlflow=false"]),
+    "embedded_ray_over_asked": (["launcher=ray", "ray.num_workers=64"],
+                                ["ray.num_workers=64", "ray.cpus_per_worker=1", "64 CPUs", "ray.address"]),
+    "ray_address_down": (["launcher=ray", "ray.address=127.0.0.1:{port}"],
+                         ["127.0.0.1:{port}", "ray.address", "does not answer"]),
 }
+FAIL_FAST_S = 20.0  # what every bad input may cost, generously (most take well under 5 s)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -362,18 +384,24 @@ def test_bad_input_fails_fast_and_touches_nothing(case, workspace, capsys):
     runs, data = workspace / "runs", workspace / "data"
     before_runs, before_data = _snapshot(runs), _snapshot(data)
     overrides, words = BAD_INPUTS[case]
-    overrides = [o.format(data=data) for o in overrides]
+    fill = {"data": data, "port": free_port()}
+    overrides = [o.format(**fill) for o in overrides]
+    start = time.monotonic()
     rc = main(["train", "launcher=local", f"run.output_dir={runs}", *overrides])
+    seconds = time.monotonic() - start
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "longctx: error:" in err
     assert "Traceback" not in err
+    assert seconds < FAIL_FAST_S, f"{case} took {seconds:.1f} s to fail"
     bare = err.replace(str(workspace), "<tmp>")  # so words are not found inside the test's own paths
     for word in words:
         if "{data}" in word:
-            assert word.format(data=data) in err, (word, err)
+            assert word.format(**fill) in err, (word, err)
         else:
-            assert word in bare, (word, err)
+            assert word.format(**fill) in bare, (word, err)
+    if "ray" in sys.modules:  # Ray checks fail before an embedded Ray is started
+        assert not sys.modules["ray"].is_initialized()
     assert _snapshot(runs) == before_runs, "the earlier run was modified or a new run folder appeared"
     assert sorted(os.listdir(runs)) == ["old"]
     assert _snapshot(data) == before_data
@@ -387,3 +415,79 @@ def test_bad_input_creates_no_output_dir(workspace, capsys):
     assert rc == 2
     assert "/no/such/ckpt" in capsys.readouterr().err
     assert not fresh.exists()
+
+
+def test_cli_subprocess_mlflow_server_down(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *MLFLOW_HTTP_DEFAULTS)}
+    env["MLFLOW_TRACKING_URI"] = uri
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "longctx.launch.cli", "train", "launcher=local",
+                           f"run.output_dir={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    assert "longctx: error:" in proc.stderr and uri in proc.stderr and "$MLFLOW_TRACKING_URI" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert seconds < FAIL_FAST_S, f"took {seconds:.1f} s to fail"
+    assert os.listdir(tmp_path) == []
+
+
+class _FakeMlflow(BaseHTTPRequestHandler):
+    """/health 404 (a proxy that only forwards the API); the REST API answers unless `api` is False."""
+
+    api = True
+
+    def do_GET(self):
+        code = 200 if self.api and self.path != "/health" else 404
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(b"{}" if code == 200 else b"not found")
+        self.server.paths.append(self.path)
+
+    def log_message(self, *args):
+        pass
+
+
+def _preflight_against_fake_mlflow(api: bool) -> tuple[str, list[str], list[str]]:
+    """(the URI, preflight's notes or [the error], the paths the server was asked for)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_FakeMlflow,), {"api": api}))
+    server.paths = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        notes = preflight(load_config(None, ["launcher=local", f"logging.tracking_uri={uri}"]))
+    except ConfigError as err:
+        notes = [str(err)]
+    finally:
+        server.shutdown()
+        server.server_close()
+    return uri, notes, server.paths
+
+
+def test_mlflow_preflight_falls_back_to_the_api_behind_a_proxy(workspace):
+    uri, notes, paths = _preflight_against_fake_mlflow(api=True)
+    assert paths == ["/health", "/api/2.0/mlflow/experiments/search?max_results=1"]
+    assert any(uri in n and "answers" in n for n in notes), notes
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == MLFLOW_HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+
+
+def test_mlflow_preflight_rejects_a_server_without_the_api(workspace):
+    uri, notes, paths = _preflight_against_fake_mlflow(api=False)
+    assert len(paths) == 2
+    assert uri in notes[0] and "not an MLflow tracking server" in notes[0] and "logging.mlflow=false" in notes[0]
+
+
+def test_preflight_passes_the_local_defaults(workspace):
+    """Local SQLite MLflow and an embedded Ray that fits: no network, no files."""
+    cfg = load_config(None, ["ray.num_workers=1", "parallel.cp=1"])
+    notes = preflight(cfg)
+    assert any("embedded local Ray" in n for n in notes)
+    assert os.listdir(workspace / "cwd") == []
+
+
+def test_resources_needed():
+    cfg = load_config(None, ["ray.num_workers=8", "ray.cpus_per_worker=2"])
+    assert resources_needed(cfg) == {"CPU": 16.0, "GPU": 0}
+    cfg = load_config(None, ["ray.num_workers=4", "ray.use_gpu=true"])
+    assert resources_needed(cfg) == {"CPU": 4.0, "GPU": 4}

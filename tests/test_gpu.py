@@ -253,8 +253,8 @@ def one_gpu_1b_config(seq_len: int = 32768):
     return load_config(None, GPU_OVERRIDES + [
         "train.engine=deepspeed", "deepspeed.zero_stage=2", "parallel.cp=1", "ray.num_workers=1",
         "parallel.strategy=ring", f"data.seq_len={seq_len}", f"data.min_doc_len={4 * seq_len}",
-        f"data.max_doc_len={4 * seq_len}", "train.steps=4", "logging.mlflow=false", "checkpoint.every=0",
-        "train.eval_every=0"])
+        f"data.max_doc_len={4 * seq_len}", "train.steps=4", "optim.warmup_steps=3", "logging.mlflow=false",
+        "checkpoint.every=0", "train.eval_every=0"])
 
 
 @gpu_test

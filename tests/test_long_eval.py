@@ -38,9 +38,9 @@ def tiny_run(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("longeval") / "runs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(longctx_cmd("train", "launcher=local", f"run.output_dir={out}", "run.name=tiny",
-                                      "train.steps=3", "checkpoint.every=0", "train.eval_every=0",
-                                      "train.eval_batches=1", "data.seq_len=192", "data.max_doc_len=180",
-                                      "logging.system_metrics=false"),
+                                      "train.steps=3", "optim.warmup_steps=2", "checkpoint.every=0",
+                                      "train.eval_every=0", "train.eval_batches=1", "data.seq_len=192",
+                                      "data.max_doc_len=180", "logging.system_metrics=false"),
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return str(out / "tiny")

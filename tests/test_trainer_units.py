@@ -73,7 +73,7 @@ def _bf16_accum_body(rank, world, engine, run_dir):
 
     cfg = load_config(None, [f"train.engine={engine}", "train.dtype=bf16", "train.grad_accum=2",
                              f"parallel.cp={world}", f"ray.num_workers={world}", "data.seq_len=128",
-                             "model.dim=64", "train.steps=3", "logging.mlflow=false"])
+                             "model.dim=64", "train.steps=3", "optim.warmup_steps=2", "logging.mlflow=false"])
     trainer = Trainer(cfg, RunContext(run_dir=run_dir, checkpoint_dir=os.path.join(run_dir, "c"), launch_id="t"))
     metrics = [trainer.train_step() for _ in range(3)]
     return [(m["train/loss"], m.get("train/grad_norm"), m["train/lr"]) for m in metrics]

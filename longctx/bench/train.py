@@ -192,8 +192,11 @@ def build_config(opts: dict, seq_len: int, cp: int, strategy: str):
     from longctx.config import load_config
     from longctx.launch.resolve import resolve_config
 
+    # the configured warmup, clamped into this short run (train.steps - 1) as the schedule always did
+    warmup = load_config(opts["config"], opts["device_overrides"] + opts["user_overrides"]).optim.warmup_steps
     run = [f"parallel.cp={cp}", f"ray.num_workers={cp}", f"parallel.strategy={strategy}",
            f"data.seq_len={seq_len}", f"train.steps={opts['warmup'] + opts['steps'] + 1}", "launcher=ray",
+           f"optim.warmup_steps={min(warmup, opts['warmup'] + opts['steps'])}",
            "logging.mlflow=false", "checkpoint.every=0", "train.eval_every=0"]
     if opts["engine"]:
         run.append(f"train.engine={opts['engine']}")
