@@ -75,3 +75,32 @@ def _wait_for_job_server(url: str, env: dict, timeout: float = 90.0) -> None:
 
 def longctx_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "longctx.launch.cli", *args]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the session. Yields its endpoint, the AWS_*
+    variables that point a client (or a `longctx train` subprocess) at it, and
+    `bucket(name)`, which creates a bucket and returns its s3:// URI."""
+    import logging
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", scheme="http",
+                           endpoint_override=f"{host}:{port}", region="us-east-1", allow_bucket_creation=True)
+
+    def bucket(name: str) -> str:
+        fs.create_dir(name)
+        return f"s3://{name}"
+
+    try:
+        yield {"endpoint": f"http://{host}:{port}", "env": env, "bucket": bucket, "fs": fs}
+    finally:
+        server.stop()
