@@ -4,12 +4,16 @@
   params, one loss per step, eval metrics and the artifacts; the loss falls.
 - A run stopped after a checkpoint and resumed with `checkpoint.resume=auto` logs
   the same per-step losses as the uninterrupted run, into the same MLflow run.
-- A worker killed mid-run is restarted by Ray from the last checkpoint and the job finishes.
+- With checkpoints in S3 (a loopback server), a worker killed mid-run is restarted by Ray
+  from the bucket, SIGINT stops the run with a checkpoint there, and a resume finishes it
+  with the local-disk run's losses, each step logged once.
+- The console shows longctx's lines only (every step line), none of Ray's or DeepSpeed's.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -41,6 +45,16 @@ def _losses(client, run_id: str) -> dict[int, float]:
         assert m.step not in by_step, f"step {m.step} logged twice"
         by_step[m.step] = m.value
     return by_step
+
+
+_OURS = re.compile(r"^\d\d:\d\d:\d\d longctx ")
+
+
+def _not_ours(console: str) -> list[str]:
+    """Console lines of `longctx train` that are not longctx's own (the resume hint's
+    indented command is ours)."""
+    return [line for line in console.splitlines()
+            if line.strip() and not _OURS.match(line) and not line.startswith("  longctx train ")]
 
 
 def _run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -89,13 +103,19 @@ def test_resume_is_exact_and_continues_the_mlflow_run(default_job, ray_cluster):
     out = default_job["out"]
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
     common = ["train", f"run.output_dir={out}", "run.name=resumed"]
-    _run(longctx_cmd(*common, "train.stop_at_step=20"), env)
+    first_run = _run(longctx_cmd(*common, "train.stop_at_step=20"), env)
     client = _mlflow(os.path.join(out, "mlflow.db"))
     first = _only_run(client, "resumed")
     assert sorted(_losses(client, first.info.run_id)) == list(range(1, 21))
 
     second = _run(longctx_cmd(*common, "checkpoint.resume=auto"), env)
     assert "resumed from" in second.stdout + second.stderr
+    # The console: every logging interval's step line, and nothing of Ray's or DeepSpeed's.
+    shown = [int(x) for x in re.findall(r"longctx step\s+(\d+)/40 ", first_run.stdout + second.stdout)]
+    assert shown == list(range(5, 41, 5)), shown
+    for proc in (first_run, second):
+        noise = _not_ours(proc.stdout + proc.stderr)
+        assert noise == [], f"{len(noise)} framework lines on the console:\n" + "\n".join(noise[:20])
     run = _only_run(client, "resumed")
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
 
@@ -107,39 +127,54 @@ def test_resume_is_exact_and_continues_the_mlflow_run(default_job, ray_cluster):
     print(f"resume: {len(resumed)} steps, worst relative loss difference {worst:.1e}")
 
 
-def test_killed_worker_restarts_from_checkpoint(ray_cluster, tmp_path):
-    out = str(tmp_path / "runs")
-    run_dir = os.path.join(out, "killed")
-    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
-    args = longctx_cmd("train", f"run.output_dir={out}", "run.name=killed", "train.steps=60",
-                       "checkpoint.every=5", "train.eval_every=0", "ray.max_failures=1")
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_s3_checkpoints_survive_a_killed_worker_and_a_stop(default_job, ray_cluster, s3_server):
+    """checkpoint.dir=s3://... (moto's server on loopback): a worker killed after the step-20
+    checkpoint is restarted from the bucket, SIGINT at step 30 writes a checkpoint there,
+    and `checkpoint.resume=auto` finishes the run; the losses are the local-disk run's,
+    each step logged once, and the console carries only longctx's lines."""
+    out = default_job["out"]
+    uri = s3_server["bucket"]("longctx-e2e") + "/run"
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"], **s3_server["env"]}
+    common = ["train", f"run.output_dir={out}", "run.name=s3run", f"checkpoint.dir={uri}"]
+    proc = subprocess.Popen(longctx_cmd(*common, "ray.max_failures=1"), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, killed, stopped = [], False, False
     try:
-        victim = _wait_for_checkpoint_then_pid(run_dir, proc, step=10, rank=1)
-        os.kill(victim, signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
+        for line in proc.stdout:
+            lines.append(line)
+            if not killed and f"checkpoint {uri}/step_000020" in line:
+                with open(os.path.join(out, "s3run", "workers", "rank1.pid")) as f:
+                    os.kill(int(f.read()), signal.SIGKILL)
+                killed = True
+            elif killed and not stopped and "step 30/40" in line and "resumed from" in "".join(lines):
+                proc.send_signal(signal.SIGINT)
+                stopped = True
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output[-6000:]
-    assert "resumed from" in output, output[-6000:]
-    final = os.path.join(run_dir, "checkpoints", "step_000060", "meta.json")
-    assert os.path.isfile(final), "the job did not reach its last step"
+    first = "".join(lines)
+    assert killed and stopped, first[-6000:]
+    assert proc.returncode == 130, first[-6000:]
+    assert f"resumed from {uri}/step_000020 at step 20" in first
+    m = re.search(r"stopped at step (\d+) on request; checkpoint (s3://\S+)", first)
+    assert m and m.group(2) == f"{uri}/step_{int(m.group(1)):06d}", first[-6000:]
+    manifest = s3_server["fs"].get_file_info(m.group(2)[len("s3://"):] + "/manifest.json")
+    assert manifest.size > 0, "the stop's checkpoint has no manifest in the bucket"
+    assert not os.path.exists(os.path.join(out, "s3run", "checkpoints")), "checkpoints went to local disk"
     client = _mlflow(os.path.join(out, "mlflow.db"))
-    run = _only_run(client, "killed")
+    assert _only_run(client, "s3run").info.status == "KILLED"
+
+    second = _run(longctx_cmd(*common, "checkpoint.resume=auto"), env)
+    assert f"resumed from {m.group(2)} at step {m.group(1)}" in second.stdout
+    run = _only_run(client, "s3run")
     assert run.info.status == "FINISHED"
-    assert max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == 60
-
-
-def _wait_for_checkpoint_then_pid(run_dir: str, proc, step: int, rank: int, timeout: float = 240) -> int:
-    """The pid of worker `rank` once checkpoint `step` exists (the kill then lands mid-run)."""
-    target = os.path.join(run_dir, "checkpoints", f"step_{step:06d}", "meta.json")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended before the kill:\n{proc.stdout.read()[-6000:]}")
-        if os.path.isfile(target):
-            with open(os.path.join(run_dir, "workers", f"rank{rank}.pid")) as f:
-                return int(f.read())
-        time.sleep(0.1)
-    raise AssertionError(f"no checkpoint {target} after {timeout} s")
+    resumed = _losses(client, run.info.run_id)  # asserts each step once
+    reference = _losses(client, _only_run(client, "default").info.run_id)
+    assert resumed.keys() == reference.keys()
+    worst = max(abs(resumed[s] - reference[s]) / abs(reference[s]) for s in reference)
+    assert worst <= 1e-6, f"S3 run's losses differ from the local-disk run by up to {worst:.2e} (relative)"
+    for text in (first, second.stdout + second.stderr):
+        assert _not_ours(text) == [], "framework lines on the console:\n" + "\n".join(_not_ours(text)[:20])
+    print(f"s3: killed rank 1 after step 20, stopped at step {m.group(1)}, resumed; worst relative loss "
+          f"difference {worst:.1e}")

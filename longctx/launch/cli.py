@@ -7,6 +7,7 @@ import os
 import sys
 
 from longctx.config import ConfigError, load_config, to_yaml
+from longctx.errors import RunError
 
 EPILOG_TRAIN = """\
 examples:
@@ -50,7 +51,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.dry_run:
         return dry_run(cfg)
     from longctx.launch.driver import train
-    return train(cfg)
+    return train(cfg, argv=ns.args, verbose=ns.verbose)
 
 
 def dry_run(cfg) -> int:
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="resolve the config, build the model on the meta device and print parameters, "
                         "FLOPs per token, memory per GPU and the parallel plan; train nothing")
+    t.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's, DeepSpeed's and MLflow's own messages on the console (by default they go "
+                        "to <run>/logs/framework.log)")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("config", help="inspect configurations")
@@ -271,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"longctx: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"longctx: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("longctx: interrupted", file=sys.stderr)
         return 130

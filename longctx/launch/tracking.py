@@ -82,8 +82,9 @@ def log_metrics(uri: str, run_id: str, metrics: list[tuple[str, float, Optional[
     _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, int(step or 0)) for k, v, step in metrics])
 
 
-def end_run(uri: str, run_id: str, ok: bool) -> None:
-    _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED", end_time=int(time.time() * 1000))
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """status: FINISHED, KILLED (stopped on request, resumable) or FAILED."""
+    _client(uri).set_terminated(run_id, status=status, end_time=int(time.time() * 1000))
 
 
 def plot_loss_curve(uri: str, run_id: str, out_png: str) -> Optional[str]:

@@ -19,11 +19,13 @@ def init_single_process_group() -> None:
     """A world of one, so code written for torch.distributed (and DeepSpeed) runs unchanged."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # Set, not defaulted: values inherited from a parent (another run's process group, a
+    # shell) would point this world of one at a port that is already taken.
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
     for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads these
-        os.environ.setdefault(key, "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ[key] = "0"
+    os.environ["WORLD_SIZE"] = "1"
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 

@@ -72,6 +72,7 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> Optional[float]: ...  # optimizer step at the accumulation boundary; grad norm
+    skipped: bool = False  # the last step() left the weights alone: its gradients were not finite
     def lr(self) -> float: ...
     def save(self, folder: str) -> None: ...  # every rank calls; writes its part
     def load(self, folder: str) -> None: ...
@@ -109,11 +110,15 @@ class DDPEngine(Engine):
         if self.micro % self.cfg.train.grad_accum:
             return None
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip if clip > 0 else float("inf")))
+        # As DeepSpeed does: a step whose gradients are not finite changes neither the weights
+        # nor the schedule (an AdamW step on NaN would poison every weight).
+        self.skipped = not math.isfinite(norm)
+        if not self.skipped:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -264,7 +269,9 @@ class DeepSpeedEngine(Engine):
     def step(self) -> Optional[float]:
         if not self.module.is_gradient_accumulation_boundary():
             return None
-        self.module.step()
+        skipped_before = self.module.skipped_steps
+        self.module.step()  # DeepSpeed skips a step whose gradients overflow (and counts it)
+        self.skipped = self.module.skipped_steps > skipped_before
         norm = self.module.get_global_grad_norm()
         return float(norm) if norm is not None else None
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.config import Config, ConfigError
+from longctx.errors import RunError
 from longctx.models.estimate import count_params, flops_per_token, peak_flops
 from longctx.models.hf import build_model, load_weights
 from longctx.models.llama import Transformer
@@ -110,6 +111,8 @@ class Trainer:
         # Anything random after init is seeded per data-parallel rank (a cp group shares it).
         seed_everything(cfg.train.seed + 1000 * self.mesh.dp_rank)
         self.step = 0
+        self.skipped_steps = 0  # steps whose update was skipped (non-finite loss or gradients), in total
+        self.bad_streak = 0  # ... and in a row, up to this step
         self._eval_batches = None
         self._flops_per_token = None
 
@@ -166,13 +169,19 @@ class Trainer:
         lr_used = self.engine.lr()
         # mean over data-parallel groups
         loss = self.mesh.all_reduce([sum(losses) / len(losses)], group="dp")[0] / self.mesh.dp_size
+        # The engine left the weights alone if the gradients were not finite; a non-finite
+        # loss (the same on every rank: it was reduced) counts as well.
+        bad = self.engine.skipped or not math.isfinite(loss)
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+        self.skipped_steps += int(bad)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.step += 1
         tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * self.mesh.dp_size * cfg.data.seq_len
         m = {"train/loss": float(loss), "train/lr": lr_used, "perf/step_time_s": dt,
-             "perf/tokens_per_s": tokens / dt, "train/tokens_seen": float(tokens * self.step)}
+             "perf/tokens_per_s": tokens / dt, "train/tokens_seen": float(tokens * self.step),
+             "train/skipped_steps": float(self.skipped_steps)}
         if grad_norm is not None:
             m["train/grad_norm"] = grad_norm
         calls = self.parallel.attention.drain()
@@ -249,7 +258,7 @@ class Trainer:
     def save(self) -> str:
         meta = {"launch_id": self.ctx.launch_id, "mlflow_run_id": self.ctx.mlflow_run_id,
                 "dp_size": self.mesh.dp_size, "cp_size": self.mesh.cp_size,
-                "data": self._gather_data_states()}
+                "data": self._gather_data_states(), "skipped_steps": self.skipped_steps}
         return ckpt.save_checkpoint(self.ctx.checkpoint_dir, self.step, self.engine, meta,
                                     rank=self.mesh.rank, keep=self.cfg.checkpoint.keep)
 
@@ -261,24 +270,26 @@ class Trainer:
                              f"dp={self.mesh.dp_size}. Resume with the same ray.num_workers / parallel.cp.")
         self.data.load_state_dict(states[str(self.mesh.dp_rank)])
         self.step = int(meta["step"])
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
         return meta
 
 
 def resolve_resume(cfg: Config, ctx: RunContext) -> Optional[str]:
     """Which checkpoint this worker starts from.
 
-    A checkpoint written by this same launch always wins: that is a restart after
-    a worker failure (Ray calls the loop again). Otherwise: `auto` = the newest in
-    the run's checkpoint folder, `none` = fresh, a path = that checkpoint.
+    A valid checkpoint written by this same launch always wins: that is a restart after
+    a worker failure (Ray calls the loop again). Otherwise the one the launcher chose
+    (`ctx.resume_from`, already verified), or, with no launcher, `auto` = the newest
+    valid one, `none` = fresh. Validity here is the manifest and the file sizes; an
+    object store's checksums are checked as the files are downloaded.
     """
-    found = ckpt.list_checkpoints(ctx.checkpoint_dir)
-    for path in reversed(found):
-        if ckpt.read_meta(path).get("launch_id") == ctx.launch_id:
+    for path in reversed(ckpt.list_checkpoints(ctx.checkpoint_dir)):
+        if ckpt.read_meta(path).get("launch_id") == ctx.launch_id and not ckpt.verify_checkpoint(path, checksums=False):
             return path
     if ctx.resume_from:
         return ctx.resume_from
     if cfg.checkpoint.resume == "auto":
-        return found[-1] if found else None
+        return ckpt.newest_valid_checkpoint(ctx.checkpoint_dir, checksums=False)
     return None
 
 
@@ -290,8 +301,31 @@ def _write_pid_file(run_dir: str, rank: int) -> None:
         f.write(str(os.getpid()))
 
 
+class TrainingDiverged(RunError):
+    """`train.max_bad_steps` steps in a row were skipped for a non-finite loss or gradients.
+    Not a fault a restart can fix: the launcher reports it instead of retrying."""
+
+
+def _diverged_message(trainer: Trainer, m: dict, last_good: Optional[str]) -> str:
+    what = []
+    if not math.isfinite(m["train/loss"]):
+        what.append(f"loss {m['train/loss']}")
+    if not math.isfinite(m.get("train/grad_norm", 0.0)):
+        what.append(f"gradient norm {m['train/grad_norm']}")
+    what = " and ".join(what) or "gradients (overflow)"
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+    n = trainer.cfg.train.max_bad_steps
+    return (f"step {trainer.step}: non-finite {what}; {n} step{'s' * (n > 1)} in a row skipped "
+            f"(train.max_bad_steps={n}), so the run stops. {kept}. Lower optim.lr "
+            f"(now {trainer.cfg.optim.lr:g}) or optim.grad_clip, or check the data.")
+
+
 def train_worker(cfg: Config, ctx: RunContext) -> dict:
-    """Entry point of every worker. Returns a summary (meaningful on rank 0)."""
+    """Entry point of every worker. Returns a summary (meaningful on rank 0): `interrupted`
+    when the driver asked for a stop (a checkpoint was written at `step`). Raises
+    `TrainingDiverged` after `train.max_bad_steps` skipped steps in a row."""
+    from longctx.trainer.interrupt import WorkerStop
+
     trainer = Trainer(cfg, ctx)
     mesh = trainer.mesh
     _write_pid_file(ctx.run_dir, mesh.rank)
@@ -312,21 +346,36 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
              f"engine={cfg.train.engine} device={trainer.device} params={count_params(cfg.model, trainer.vocab_size):,}")
     last_eval, history, niah = {}, [], {}
     every = cfg.checkpoint.every
+    stop_request = WorkerStop(ctx.launch_id)
+    interrupted, saved_at, last_good = False, None, start
+
+    def evaluate_and_log():
+        nonlocal last_eval
+        last_eval = trainer.evaluate()
+        log.log(trainer.step, last_eval)
+        log.info(f"eval @ {trainer.step}: " + " ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
+
     try:
         while trainer.step < stop:
             m = trainer.train_step()
             history.append((trainer.step, m["train/loss"]))
             log.step(trainer.step, m)
+            if trainer.bad_streak >= cfg.train.max_bad_steps:
+                raise TrainingDiverged(_diverged_message(trainer, m, last_good))
+            if trainer.step < stop and stop_request.requested(mesh):  # collective: all ranks leave here
+                interrupted = True
+                break
             if cfg.train.eval_every and trainer.step % cfg.train.eval_every == 0 and trainer.step < stop:
-                last_eval = trainer.evaluate()
-                log.log(trainer.step, last_eval)
-                log.info(f"eval @ {trainer.step}: " + " ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
-            if every and trainer.step % every == 0 and trainer.step < stop:
-                trainer.save()
-        if trainer.step == stop and trainer.step > start_step:  # not when resuming an already finished run
-            last_eval = trainer.evaluate()
-            log.log(trainer.step, last_eval)
-            log.info(f"eval @ {trainer.step}: " + " ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
+                evaluate_and_log()
+            # No checkpoint in a run of skipped steps: the last good one must survive rotation.
+            if every and trainer.step % every == 0 and trainer.step < stop and trainer.bad_streak == 0:
+                last_good, saved_at = trainer.save(), trainer.step
+                log.info(f"checkpoint {last_good}")
+        if interrupted:
+            path = last_good if saved_at == trainer.step else trainer.save()
+            log.info(f"stopped at step {trainer.step} on request; checkpoint {path}")
+        elif trainer.step == stop and trainer.step > start_step:  # not when resuming a finished run
+            evaluate_and_log()
             path = trainer.save()
             log.info(f"checkpoint {path}")
             if trainer.step >= cfg.train.steps and trains_passkey(cfg) \
@@ -335,8 +384,8 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
     finally:
         log.close()
     summary = {"step": trainer.step, "finished": trainer.step >= cfg.train.steps, "eval": last_eval,
-               "losses": history}
-    if mesh.is_logging_rank:
+               "losses": history, "interrupted": interrupted, "skipped_steps": trainer.skipped_steps}
+    if mesh.is_logging_rank and not interrupted:
         extra = {**summary_metrics(niah), "niah": niah} if niah else {}
         with open(os.path.join(ctx.run_dir, "eval_results.json"), "w") as f:
             json.dump({"step": trainer.step, **last_eval, **extra}, f, indent=2)

@@ -77,6 +77,9 @@ class _Progress:
             self.bar.close()
 
 
+LOGGED_THROUGH_TAG = "longctx.logged_through_step"  # the last step whose metrics are in MLflow
+
+
 class RunLogger:
     def __init__(self, *, enabled: bool, run_id: Optional[str], tracking_uri: Optional[str],
                  total_steps: int, start_step: int, log_every: int, progress_bar: bool,
@@ -85,14 +88,23 @@ class RunLogger:
         self.total, self.log_every = total_steps, log_every
         self.run_id, self.client = run_id, None
         self.pending: list = []
+        self.pending_through = 0
         self.monitor = None
         if not enabled:
             return
         setup_logging()
         self.progress = _Progress(total_steps, start_step, progress_bar)
+        self.restart_mark = 0  # steps up to here were logged by an earlier launch of this run
         if run_id is not None:
             from mlflow import MlflowClient
             self.client = MlflowClient(tracking_uri)
+            # A restart (worker failure, or a resume after the run went on past its last
+            # checkpoint) repeats steps MLflow already has, with the same values: log each once.
+            tag = self.client.get_run(run_id).data.tags.get(LOGGED_THROUGH_TAG)
+            self.restart_mark = int(tag) if tag else 0
+            if self.restart_mark > start_step:
+                logger.info(f"MLflow has this run's metrics up to step {self.restart_mark} from an earlier "
+                            f"launch: steps {start_step + 1}-{self.restart_mark} are not logged again")
             if system_metrics:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
                 self.monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resumed,
@@ -103,8 +115,11 @@ class RunLogger:
         if not self.enabled:
             return
         from mlflow.entities import Metric
+        if step <= self.restart_mark:
+            return
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.pending_through = max(self.pending_through, step)
 
     def step(self, step: int, metrics: dict) -> None:
         """Record one training step: buffer, update the bar, log a line each interval."""
@@ -122,9 +137,13 @@ class RunLogger:
 
     def flush(self) -> None:
         if self.client is not None and self.pending:
-            # MLflow caps a batch at 1000 metrics.
+            from mlflow.entities import RunTag
+
+            # MLflow caps a batch at 1000 metrics; the last batch also moves the logged-through mark.
             for i in range(0, len(self.pending), 1000):
-                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000], synchronous=True)
+                last = i + 1000 >= len(self.pending)
+                tags = [RunTag(LOGGED_THROUGH_TAG, str(self.pending_through))] if last else []
+                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000], tags=tags, synchronous=True)
         self.pending = []
 
     def close(self) -> None:
