@@ -233,7 +233,7 @@ _RANGES = {
     "optim.decay_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.max_bad_steps": (lambda v: v >= 1, ">= 1"),
     "ray.cpus_per_worker": (lambda v: v > 0, "> 0"),
-    "ray.max_failures": (lambda v: v >= 0, ">= 0"),
+    "ray.max_failures": (lambda v: v >= -1, ">= 0, or -1 (retry without limit)"),
     "ray.resource_timeout_s": (lambda v: v > 0, "> 0 (seconds)"),
 }
 

@@ -125,16 +125,21 @@ def test_local_manifest_corruption_fallback_and_rotation(tmp_path):
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == ["step_000002", "step_000003",
                                                                          "step_000004"]
     assert ckpt.find_newest_valid(root) == (os.path.join(root, "step_000004"), [])
-    # A folder without its manifest (but with meta.json) is listed, and not valid.
-    os.remove(os.path.join(root, "step_000004", "manifest.json"))
+    # A manifest that cannot be read makes a checkpoint invalid, as does a missing file.
+    with open(os.path.join(root, "step_000004", "manifest.json"), "w") as f:
+        f.write("{not json")
     os.remove(os.path.join(root, "step_000002", "rng", "rank_0.pt"))
     path, rejected = ckpt.find_newest_valid(root)
     assert path is None and [os.path.basename(p) for p, _ in rejected] == ["step_000004", "step_000003",
                                                                           "step_000002"]
-    assert rejected[0][1][0].startswith("manifest.json: missing")
+    assert rejected[0][1][0].startswith("manifest.json: unreadable")
     assert rejected[2][1] == ["rng/rank_0.pt: missing"]
     with pytest.raises(ckpt.InvalidCheckpoint, match="none is valid"):
         ckpt.newest_valid_checkpoint(root, strict=True)
+    # A local folder with meta.json and no manifest at all was written before manifests (a local
+    # save renames its folder into place only after the manifest): accepted, unverified.
+    os.remove(os.path.join(root, "step_000004", "manifest.json"))
+    assert ckpt.find_newest_valid(root)[0] == os.path.join(root, "step_000004")
 
     trainer.save()  # the same step saved again replaces the uncommitted folder, then round trip
     before = _ddp_state(trainer)

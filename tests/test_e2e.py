@@ -5,7 +5,7 @@
 - A run stopped after a checkpoint and resumed with `checkpoint.resume=auto` logs
   the same per-step losses as the uninterrupted run, into the same MLflow run.
 - With checkpoints in S3 (a loopback server), a worker killed mid-run is restarted by Ray
-  from the bucket, SIGINT stops the run with a checkpoint there, and a resume finishes it
+  from the bucket, SIGTERM stops the run with a checkpoint there, and a resume finishes it
   with the local-disk run's losses, each step logged once.
 - The console shows longctx's lines only (every step line), none of Ray's or DeepSpeed's.
 """
@@ -129,7 +129,7 @@ def test_resume_is_exact_and_continues_the_mlflow_run(default_job, ray_cluster):
 
 def test_s3_checkpoints_survive_a_killed_worker_and_a_stop(default_job, ray_cluster, s3_server):
     """checkpoint.dir=s3://... (moto's server on loopback): a worker killed after the step-20
-    checkpoint is restarted from the bucket, SIGINT at step 30 writes a checkpoint there,
+    checkpoint is restarted from the bucket, SIGTERM at step 30 writes a checkpoint there,
     and `checkpoint.resume=auto` finishes the run; the losses are the local-disk run's,
     each step logged once, and the console carries only longctx's lines."""
     out = default_job["out"]
@@ -147,7 +147,7 @@ def test_s3_checkpoints_survive_a_killed_worker_and_a_stop(default_job, ray_clus
                     os.kill(int(f.read()), signal.SIGKILL)
                 killed = True
             elif killed and not stopped and "step 30/40" in line and "resumed from" in "".join(lines):
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)  # as a preemption notice would
                 stopped = True
         proc.wait(timeout=60)
     finally:
@@ -155,7 +155,7 @@ def test_s3_checkpoints_survive_a_killed_worker_and_a_stop(default_job, ray_clus
             proc.kill()
     first = "".join(lines)
     assert killed and stopped, first[-6000:]
-    assert proc.returncode == 130, first[-6000:]
+    assert proc.returncode == 128 + signal.SIGTERM, first[-6000:]
     assert f"resumed from {uri}/step_000020 at step 20" in first
     m = re.search(r"stopped at step (\d+) on request; checkpoint (s3://\S+)", first)
     assert m and m.group(2) == f"{uri}/step_{int(m.group(1)):06d}", first[-6000:]
@@ -178,3 +178,35 @@ def test_s3_checkpoints_survive_a_killed_worker_and_a_stop(default_job, ray_clus
         assert _not_ours(text) == [], "framework lines on the console:\n" + "\n".join(_not_ours(text)[:20])
     print(f"s3: killed rank 1 after step 20, stopped at step {m.group(1)}, resumed; worst relative loss "
           f"difference {worst:.1e}")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs train.device=cuda to fail in the workers")
+def test_worker_exception_is_reported_once_with_its_rank(ray_cluster, tmp_path):
+    """A failure inside the workers (here: train.device=cuda on a CPU machine) ends the run
+    with exit code 1 and one error: the original exception, the rank, one traceback."""
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
+    proc = subprocess.run(longctx_cmd("train", f"run.output_dir={tmp_path}", "run.name=fails", "train.device=cuda",
+                                      "ray.max_failures=0"), env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-4000:]
+    assert re.search(r"longctx: error: worker rank [01] failed( \(rank 1 failed too\))?: RuntimeError: train\.device=cuda",
+                     proc.stderr), text[-4000:]
+    assert text.count("Traceback") == 1, text[-4000:]
+    assert _not_ours(proc.stdout) == []
+    assert _only_run(_mlflow(str(tmp_path / "mlflow.db")), "fails").info.status == "FAILED"
+
+
+def test_cluster_short_of_resources_says_what_it_awaits(ray_cluster, tmp_path):
+    """With a cluster address the run waits for the autoscaler, says for what and how long,
+    and gives up after ray.resource_timeout_s naming what is missing."""
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
+    t0 = time.monotonic()
+    proc = subprocess.run(longctx_cmd("train", f"run.output_dir={tmp_path}", "run.name=short", "ray.num_workers=8",
+                                      "ray.resource_timeout_s=2"), env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-4000:]
+    assert "waiting up to 2 s (ray.resource_timeout_s) for the cluster to offer 8 CPU (it has 4 CPU now)" in text
+    assert "did not offer 8 CPU within ray.resource_timeout_s=2 s" in proc.stderr, text[-4000:]
+    assert time.monotonic() - t0 < 60

@@ -61,6 +61,20 @@ def _worst(a: dict, b: dict) -> float:
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in b)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_process_group_left():
+    """In-process `launcher=local` runs share one world-of-one process group (DeepSpeed keeps
+    a handle on it); tests in later modules of this process expect none."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    import deepspeed.comm.comm as ds_comm
+
+    ds_comm.cdb = None
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run: per-step losses from its MLflow run."""
@@ -153,3 +167,35 @@ def test_sigint_checkpoints_then_resumes_exactly(tmp_path, reference):
     worst = _worst(_losses(out, "sig"), reference)
     assert worst <= 1e-6, f"resumed losses differ from the uninterrupted run by {worst:.1e}"
     print(f"SIGINT: stopped at step {step} with a checkpoint; resumed, worst relative difference {worst:.1e}")
+
+
+def test_console_sends_framework_messages_to_the_run_log(tmp_path, capfd):
+    """What a framework says (its loggers, native writes to fd 2, lines Ray forwards from its
+    workers) lands in <run>/logs/framework.log; longctx's lines stay on the console."""
+    import logging
+
+    from longctx.launch.console import Console
+    from longctx.trainer.metrics import setup_logging
+
+    setup_logging()
+    with Console(verbose=False, launcher="ray") as console:
+        logging.getLogger("ray.train").warning("said before the run folder exists")
+        path = console.open(str(tmp_path))
+        logging.getLogger("DeepSpeed").warning("a DeepSpeed banner")
+        logging.getLogger("longctx").info("step 1/2 | loss 1.0")
+        console._dispatch({"lines": ["12:00:00 longctx step 2/2 | loss 0.5", "Setting up process group for: env://"],
+                           "pid": 7, "actor_name": "RayTrainWorker", "is_err": False})
+        os.write(2, b"native chatter\n")
+    shown = capfd.readouterr()
+    log = open(path).read()
+    for said in ("said before the run folder exists", "a DeepSpeed banner",
+                 "(RayTrainWorker pid=7) Setting up process group", "native chatter"):
+        assert said in log and said not in shown.out + shown.err, said
+    assert "longctx step 1/2 | loss 1.0" in shown.out and "12:00:00 longctx step 2/2 | loss 0.5" in shown.out
+    assert "step 1/2" not in log
+
+    before = {name: list(logging.getLogger(name).handlers) for name in ("ray", "DeepSpeed", "mlflow")}
+    with Console(verbose=True, launcher="ray") as console:  # -v: nothing is rerouted
+        console.open(str(tmp_path / "v"))
+        assert {name: list(logging.getLogger(name).handlers) for name in before} == before
+    assert not os.path.exists(tmp_path / "v" / "logs")

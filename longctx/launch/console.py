@@ -175,6 +175,10 @@ class Console:
     def __exit__(self, *exc) -> None:
         if self.verbose:
             return
+        if self._file is None:  # the run never started (a failed check): its warnings matter here
+            for record in self._handler.records:
+                if record.levelno >= logging.WARNING:
+                    print(self._handler.format(record), file=sys.stderr)
         if self._saved_dispatch is not None:
             from ray._private import worker as ray_worker
 

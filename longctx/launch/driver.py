@@ -97,8 +97,9 @@ def prepare_run(cfg: Config, auto_text: str = "") -> RunContext:
                      interactive=sys.stderr.isatty())
     if cfg.logging.mlflow:
         ctx.tracking_uri = tracking.tracking_uri(cfg)
-        previous = ckpt.read_meta(resume).get("mlflow_run_id") if resume else None
-        ctx.mlflow_run_id = tracking.start_run(cfg, ctx.tracking_uri, cfg.run.name, previous)
+        meta = ckpt.read_meta(resume) if resume else {}
+        ctx.mlflow_run_id = tracking.start_run(cfg, ctx.tracking_uri, cfg.run.name, meta.get("mlflow_run_id"),
+                                               int(meta.get("step", 0)))
         tracking.log_artifact(ctx.tracking_uri, ctx.mlflow_run_id, config_path)
         if auto_text:
             auto_path = os.path.join(run_dir, "auto_strategy.txt")
@@ -121,8 +122,10 @@ def train_entry(cfg: Config, ctx: RunContext) -> dict:
 def forwarded_env() -> dict:
     """The driver's object-store settings (the standard `AWS_*` variables: credentials, region,
     an S3-compatible endpoint) for the workers, so `checkpoint.dir=s3://...` means the same
-    bucket on every node as on the machine that launched the run."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    bucket on every node as on the machine that launched the run; and MLflow's HTTP retry
+    and timeout settings (`preflight` sets short ones), so rank 0 gives up on a dead server
+    as soon as the driver would."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_HTTP_"))}
 
 
 def _ray_worker_entry(config: dict) -> None:
@@ -156,7 +159,10 @@ def _worker_failure(err: Exception) -> RunError:
     if not failures:
         cause = getattr(err, "controller_failure", None) or err
         return RunError(f"Ray Train failed: {type(cause).__name__}: {cause}")
-    rank = min(failures)
+    # The first rank to fail makes the others fail in their collectives: report the rank
+    # whose error is not such a consequence (connection reset, peer closed, ...), if any.
+    collateral = ("connection", "closed by peer", "gloo", "nccl", "timed out", "broken pipe", "peer")
+    rank = min(failures, key=lambda r: (any(w in str(failures[r]).lower() for w in collateral), r))
     exc = failures[rank]
     others = sorted(set(failures) - {rank})
     also = f" (rank{'s' * (len(others) > 1)} {', '.join(map(str, others))} failed too)" if others else ""
@@ -165,7 +171,7 @@ def _worker_failure(err: Exception) -> RunError:
     return RunError(f"worker rank {rank} failed{also}: {type(exc).__name__}: {exc}")
 
 
-def _wait_for_cluster(cfg: Config, announce) -> None:
+def _wait_for_cluster(cfg: Config, announce, stop=None) -> None:
     """On a cluster, the autoscaler may still add nodes: say what is awaited and for how
     long, and fail (with what is missing) after `ray.resource_timeout_s`."""
     import ray
@@ -185,6 +191,8 @@ def _wait_for_cluster(cfg: Config, announce) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(2.0)
+        if stop is not None and stop.requested:  # nothing started yet: nothing to save
+            raise KeyboardInterrupt
         have = ray.cluster_resources()
         if all(have.get(k, 0.0) >= v for k, v in need.items()):
             return
@@ -235,7 +243,7 @@ def run_with_ray(cfg: Config, ctx: RunContext, worker: Callable[..., dict] = tra
     if stop is not None:
         stop.use_ray(channel)
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        _wait_for_cluster(cfg, logger.info)
+        _wait_for_cluster(cfg, logger.info, stop)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
@@ -320,6 +328,10 @@ def train(cfg: Config, argv: Optional[list[str]] = None, verbose: bool = False) 
                 status = "KILLED" if summary.get("interrupted") else "FINISHED"
             except KeyboardInterrupt:
                 status = "KILLED"
+                raise
+            except Exception:
+                if not verbose:
+                    logger.error(f"the run failed; Ray's, DeepSpeed's and MLflow's messages are in {log_path}")
                 raise
             finally:
                 finish_run(cfg, ctx, status)

@@ -15,6 +15,9 @@ from longctx.config import Config, to_flat_dict
 logger = logging.getLogger("longctx")
 
 MLFLOW_PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch
+# Keys that change where a run goes and how it is watched, not what it computes: a resume that
+# changes only these repeats the earlier attempt's values, which MLflow then keeps once.
+BOOKKEEPING = ("checkpoint.", "logging.", "run.", "ray.", "launcher", "train.stop_at_step")
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -44,8 +47,11 @@ def _experiment_id(client, cfg: Config, uri: str) -> str:
     return client.create_experiment(cfg.logging.experiment, artifact_location=artifacts)
 
 
-def start_run(cfg: Config, uri: str, run_name: str, existing_run_id: Optional[str]) -> str:
-    """Create the run (or reopen `existing_run_id` on resume) and log params. Returns the run id."""
+def start_run(cfg: Config, uri: str, run_name: str, existing_run_id: Optional[str],
+              resume_step: int = 0) -> str:
+    """Create the run (or reopen `existing_run_id` on resume, from checkpoint `resume_step`)
+    and log params. Returns the run id. A resume whose config differs from what the run
+    logged records the changes as tags and has every step after `resume_step` logged again."""
     from mlflow.entities import Param
 
     client = _client(uri)
@@ -65,6 +71,11 @@ def start_run(cfg: Config, uri: str, run_name: str, existing_run_id: Optional[st
                 client.set_tag(run_id, f"resume.changed.{key}", text[:5000])
             continue
         params.append(Param(key, text))
+    if existing_run_id and any(key in logged and logged[key] != str(value)[:6000] and not key.startswith(BOOKKEEPING)
+                               for key, value in to_flat_dict(cfg).items()):
+        from longctx.trainer.metrics import reset_logged_marks
+
+        reset_logged_marks(client, run_id, resume_step)
     for i in range(0, len(params), MLFLOW_PARAM_BATCH):
         client.log_batch(run_id, params=params[i:i + MLFLOW_PARAM_BATCH])
     return run_id

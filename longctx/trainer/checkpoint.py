@@ -13,9 +13,10 @@ a disk that lost data after the rename, a half-uploaded object, a copy gone wron
 
 Listed (`list_checkpoints`) are the step folders with a manifest.json or a meta.json; a folder
 with neither is a save in progress or one that stopped early, and is ignored. A listed folder
-without a manifest (written before manifests existed, or an object-store save that stopped
-between meta.json and manifest.json) is not valid, but stays visible, so that a resume reports
-it instead of silently starting a new run over it.
+without a manifest is, in a local root, one written before manifests existed: committed by its
+rename as before, it is accepted unverified (with a warning on load). In an object store it is
+a save that stopped between meta.json and manifest.json: not valid, but visible, so that a
+resume reports it instead of silently starting a new run over it.
 
 Saving (collective, `save_checkpoint`):
   1. rank 0 removes leftovers of an earlier save of this step; barrier.
@@ -28,9 +29,10 @@ Saving (collective, `save_checkpoint`):
   Local roots stage inside `step_X.tmp/` and rank 0 then renames it to `step_X/` (the same step
   saved again replaces it), so the final name only ever holds a committed checkpoint. Object
   stores have no rename: files go straight to `step_X/`, and the manifest written last commits.
-  6. rotation (rank 0): the newest `keep` valid checkpoints stay; older valid ones are deleted.
-     Nothing else is ever deleted: a checkpoint that fails verification (a folder without a
-     manifest included) stays for an operator to look at, and never counts toward `keep`.
+  6. rotation (rank 0): of the valid checkpoints up to this step, the newest `keep` stay (the
+     one just written always among them); older valid ones are deleted. Nothing else is ever
+     deleted: newer steps (another lineage) stay, and a checkpoint that fails verification
+     stays for an operator to look at and never counts toward `keep`.
 
 Loading (collective, `load_checkpoint`): a local root loads in place after a sizes check. An
 object store is downloaded once per node (by the lowest rank on each host) into a local cache
@@ -56,6 +58,8 @@ import tempfile
 import uuid
 from typing import Callable, Optional
 
+import logging
+
 import torch
 import torch.distributed as dist
 
@@ -65,6 +69,7 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 META = "meta.json"
 MANIFEST = "manifest.json"
 _STAGING = ".staging"
+logger = logging.getLogger("longctx")
 
 
 class InvalidCheckpoint(ValueError):
@@ -128,7 +133,15 @@ def _mismatch(entry: dict, size: int, sha256: Optional[str]) -> Optional[str]:
     return None
 
 
+def _legacy(store: Store) -> bool:
+    """A local checkpoint written before manifests: committed by its folder's rename (a local
+    save renames only after the manifest), so trusted as it was, unverified."""
+    return store.is_local and not store.is_file(MANIFEST) and store.is_file(META)
+
+
 def _problems(store: Store, checksums: bool) -> list[str]:
+    if _legacy(store):
+        return []
     try:
         files = _manifest_files(store)
     except InvalidCheckpoint as e:
@@ -154,7 +167,8 @@ def verify_checkpoint(path: str, *, checksums: bool = True) -> list[str]:
     return _problems(Store(path), checksums)
 
 
-def find_newest_valid(root: str, *, checksums: bool = True) -> tuple[Optional[str], list[tuple[str, list[str]]]]:
+def find_newest_valid(root: str, *, checksums: bool = True,
+                      below: Optional[int] = None) -> tuple[Optional[str], list[tuple[str, list[str]]]]:
     """(newest valid checkpoint or None, [(path, problems)] of the newer ones rejected, newest first).
 
     Listed checkpoints are verified newest first and the search stops at the first valid one;
@@ -163,6 +177,8 @@ def find_newest_valid(root: str, *, checksums: bool = True) -> tuple[Optional[st
     store = Store(root)
     rejected = []
     for name in reversed(_listed(store)):
+        if below is not None and _step_of(name) >= below:
+            continue
         problems = _problems(store.sub(name), checksums)
         if not problems:
             return store.child(name), rejected
@@ -175,13 +191,13 @@ def describe_rejected(rejected: list[tuple[str, list[str]]]) -> str:
 
 
 def newest_valid_checkpoint(root: str, *, checksums: bool = True, report: Optional[Callable[[str], None]] = None,
-                            strict: bool = False) -> Optional[str]:
+                            strict: bool = False, below: Optional[int] = None) -> Optional[str]:
     """The newest checkpoint under `root` that matches its manifest (see `find_newest_valid`).
 
     Each newer checkpoint passed over is reported through `report` (e.g. `log.warning`) with its
     problems. `strict=True` raises InvalidCheckpoint when checkpoints exist but none is valid
     (a resume that would otherwise silently start from scratch)."""
-    path, rejected = find_newest_valid(root, checksums=checksums)
+    path, rejected = find_newest_valid(root, checksums=checksums, below=below)
     if report is not None:
         for bad, problems in rejected:
             report(f"checkpoint {bad} is not valid, skipped: " + "; ".join(problems))
@@ -244,12 +260,22 @@ def _check_disjoint(per_rank: list[list[dict]]) -> None:
             owner[e["path"]] = r
 
 
-def _rotate(store: Store, keep: int) -> None:
-    """Delete the valid checkpoints older than the newest `keep` valid ones (sizes checked: one
-    listing each, no reads). The newest valid one always stays; nothing else is deleted."""
-    valid = [name for name in _listed(store) if not _problems(store.sub(name), checksums=False)]
+def _rotate(store: Store, keep: int, step: int) -> None:
+    """Delete the valid checkpoints older than the newest `keep` valid ones up to `step`, the
+    one just saved (sizes checked: one listing each, no reads). That one always stays, and
+    newer steps (another lineage: a run resumed from an older checkpoint) are not touched,
+    nor is anything invalid. A store that refuses deletion costs disk, not the run: warn."""
+    valid = [name for name in _listed(store)
+             if _step_of(name) <= step and not _problems(store.sub(name), checksums=False)]
     for name in valid[:-max(keep, 1)]:
-        store.delete_dir(name)
+        try:
+            store.delete_dir(name)
+        except OSError as e:
+            logger.warning(f"could not delete the old checkpoint {store.child(name)} ({e}); it stays")
+
+
+def _step_of(name: str) -> int:
+    return int(_STEP_DIR.match(name).group(1))
 
 
 def save_checkpoint(root: str, step: int, engine, meta: dict, *, rank: int, keep: int) -> str:
@@ -293,10 +319,15 @@ def save_checkpoint(root: str, step: int, engine, meta: dict, *, rank: int, keep
         files.append({"path": META, "size": len(meta_text.encode()),
                       "sha256": hashlib.sha256(meta_text.encode()).hexdigest()})
         store.write_text(f"{target}/{MANIFEST}", json.dumps({"format": 1, "step": step, "files": files}, indent=1))
-        if store.is_local:
-            store.delete_dir(name)  # the same step saved again (e.g. a resumed run): replace it
+        if store.is_local:  # the same step saved again (a resumed run) replaces it: old aside first,
+            aside = f"{name}.old-{uuid.uuid4().hex[:8]}"  # so a crash here leaves one committed copy
+            had_old = store.sub(name).local_path is not None and os.path.isdir(store.sub(name).local_path)
+            if had_old:
+                store.rename(name, aside)
             store.rename(target, name)
-        _rotate(store, keep)
+            if had_old:
+                store.delete_dir(aside)
+        _rotate(store, keep, step)
     _barrier()
     return store.child(name)
 
@@ -327,6 +358,8 @@ def load_checkpoint(path: str, engine, *, rank: int) -> dict:
     rank) when the files do not match the manifest: sizes for a local folder, sizes and sha256
     for an object store (checked while downloading)."""
     store = Store(path)
+    if _legacy(store):
+        logger.warning(f"checkpoint {path} was written before manifests: its files are not verified")
     if store.is_local:
         problems = _problems(store, checksums=False)
         if problems:

@@ -79,16 +79,22 @@ class SignalStop:
         self._requested = threading.Event()
 
     def use_ray(self, channel) -> None:
+        """After `ray.init`, which installs its own SIGTERM handler (`sys.exit`): ours again."""
+        self._install()
         self.actor = channel
         if self._requested.is_set():
             self.actor.request_stop.remote()
 
     def __enter__(self) -> "SignalStop":
         LOCAL.clear()
+        self._install()
+        return self
+
+    def _install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+                previous = signal.signal(sig, self._handle)
+                self._previous.setdefault(sig, previous)
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:  # the second signal: stop now

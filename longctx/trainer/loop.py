@@ -9,6 +9,7 @@ the valid targets of the whole cp group (ARCHITECTURE.md, "Data flow").
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -38,6 +39,8 @@ from longctx.trainer.loss import IGNORE_INDEX, configure_loss, count_targets, cp
 from longctx.trainer.metrics import RunLogger
 from longctx.trainer.packing import PackedRows, eval_rows, pad_rows
 from longctx.trainer.tokenizer import build_tokenizer
+
+logger = logging.getLogger("longctx")
 
 
 @dataclass
@@ -171,7 +174,9 @@ class Trainer:
         loss = self.mesh.all_reduce([sum(losses) / len(losses)], group="dp")[0] / self.mesh.dp_size
         # The engine left the weights alone if the gradients were not finite; a non-finite
         # loss (the same on every rank: it was reduced) counts as well.
-        bad = self.engine.skipped or not math.isfinite(loss)
+        # A non-finite norm counts too: DeepSpeed's ZeRO-0 in fp32 steps on it without skipping.
+        bad = self.engine.skipped or not math.isfinite(loss) or (grad_norm is not None and
+                                                                  not math.isfinite(grad_norm))
         self.bad_streak = self.bad_streak + 1 if bad else 0
         self.skipped_steps += int(bad)
         if self.device.type == "cuda":
@@ -258,7 +263,8 @@ class Trainer:
     def save(self) -> str:
         meta = {"launch_id": self.ctx.launch_id, "mlflow_run_id": self.ctx.mlflow_run_id,
                 "dp_size": self.mesh.dp_size, "cp_size": self.mesh.cp_size,
-                "data": self._gather_data_states(), "skipped_steps": self.skipped_steps}
+                "data": self._gather_data_states(), "skipped_steps": self.skipped_steps,
+                "bad_streak": self.bad_streak}
         return ckpt.save_checkpoint(self.ctx.checkpoint_dir, self.step, self.engine, meta,
                                     rank=self.mesh.rank, keep=self.cfg.checkpoint.keep)
 
@@ -271,6 +277,7 @@ class Trainer:
         self.data.load_state_dict(states[str(self.mesh.dp_rank)])
         self.step = int(meta["step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self.bad_streak = int(meta.get("bad_streak", 0))
         return meta
 
 
@@ -284,12 +291,42 @@ def resolve_resume(cfg: Config, ctx: RunContext) -> Optional[str]:
     object store's checksums are checked as the files are downloaded.
     """
     for path in reversed(ckpt.list_checkpoints(ctx.checkpoint_dir)):
-        if ckpt.read_meta(path).get("launch_id") == ctx.launch_id and not ckpt.verify_checkpoint(path, checksums=False):
-            return path
+        try:
+            if not ckpt.verify_checkpoint(path, checksums=False) \
+                    and ckpt.read_meta(path).get("launch_id") == ctx.launch_id:
+                return path
+        except (OSError, ValueError):  # an unreadable meta.json: not this launch's checkpoint
+            continue
     if ctx.resume_from:
         return ctx.resume_from
     if cfg.checkpoint.resume == "auto":
         return ckpt.newest_valid_checkpoint(ctx.checkpoint_dir, checksums=False)
+    return None
+
+
+def _load_start(trainer: Trainer, cfg: Config, ctx: RunContext) -> Optional[str]:
+    """Load the checkpoint this worker starts from (`resolve_resume`), chosen once by rank 0
+    so every rank loads the same one. One that fails its checks while loading (an object
+    store's checksums are only seen then) is reported and the next older valid one is used,
+    unless the user named it (`checkpoint.resume=PATH`)."""
+    mesh = trainer.mesh
+    start = resolve_resume(cfg, ctx) if mesh.rank == 0 else None
+    if mesh.world_size > 1:
+        box = [start]
+        dist.broadcast_object_list(box, src=0)
+        start = box[0]
+    while start is not None:
+        try:
+            trainer.load(start)
+            return start
+        except ckpt.InvalidCheckpoint as err:  # raised on every rank alike
+            if cfg.checkpoint.resume not in ("auto", "none"):
+                raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume}: {err}") from None
+            step = int(ckpt.read_meta(start)["step"])
+            start = ckpt.newest_valid_checkpoint(ctx.checkpoint_dir, checksums=False, below=step)
+            if start is None:  # never a silent fresh start over existing checkpoints
+                raise RunError(f"{err}; no older checkpoint under {ctx.checkpoint_dir} is valid") from None
+            logger.warning(f"{err}; using the next older valid one, {start}")
     return None
 
 
@@ -329,9 +366,7 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
     trainer = Trainer(cfg, ctx)
     mesh = trainer.mesh
     _write_pid_file(ctx.run_dir, mesh.rank)
-    start = resolve_resume(cfg, ctx)
-    if start is not None:
-        trainer.load(start)
+    start = _load_start(trainer, cfg, ctx)
     resumed = start is not None
     start_step = trainer.step  # the start checkpoint may be rotated away while we train
     stop = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
@@ -342,6 +377,9 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
                     resumed=resumed)
     if resumed:
         log.info(f"resumed from {start} at step {trainer.step}")
+        if ckpt.read_meta(start).get("launch_id") == ctx.launch_id:
+            log.warning("a worker failed and Ray restarted the workers; its error is in the run's "
+                        "logs/framework.log")
     log.info(f"world={mesh.world_size} dp={mesh.dp_size} cp={mesh.cp_size} strategy={cfg.parallel.strategy} "
              f"engine={cfg.train.engine} device={trainer.device} params={count_params(cfg.model, trainer.vocab_size):,}")
     last_eval, history, niah = {}, [], {}
@@ -362,16 +400,16 @@ def train_worker(cfg: Config, ctx: RunContext) -> dict:
             log.step(trainer.step, m)
             if trainer.bad_streak >= cfg.train.max_bad_steps:
                 raise TrainingDiverged(_diverged_message(trainer, m, last_good))
-            if trainer.step < stop and stop_request.requested(mesh):  # collective: all ranks leave here
-                interrupted = True
-                break
             if cfg.train.eval_every and trainer.step % cfg.train.eval_every == 0 and trainer.step < stop:
                 evaluate_and_log()
             # No checkpoint in a run of skipped steps: the last good one must survive rotation.
             if every and trainer.step % every == 0 and trainer.step < stop and trainer.bad_streak == 0:
                 last_good, saved_at = trainer.save(), trainer.step
                 log.info(f"checkpoint {last_good}")
-        if interrupted:
+            if trainer.step < stop and stop_request.requested(mesh):  # collective: all ranks leave here
+                interrupted = True
+                break
+        if interrupted:  # a checkpoint at this step, unless the periodic one just wrote it
             path = last_good if saved_at == trainer.step else trainer.save()
             log.info(f"stopped at step {trainer.step} on request; checkpoint {path}")
         elif trainer.step == stop and trainer.step > start_step:  # not when resuming a finished run

@@ -77,7 +77,15 @@ class _Progress:
             self.bar.close()
 
 
-LOGGED_THROUGH_TAG = "longctx.logged_through_step"  # the last step whose metrics are in MLflow
+LOGGED_THROUGH_TAG = "longctx.logged_through_step"  # the last step whose step metrics are in MLflow
+EVAL_LOGGED_THROUGH_TAG = "longctx.eval_logged_through_step"  # ... and whose evaluations are
+
+
+def reset_logged_marks(client, run_id: str, step: int) -> None:
+    """A resume that may compute other values than an earlier attempt (the config changed):
+    log again everything after `step`, the checkpoint it starts from."""
+    for tag in (LOGGED_THROUGH_TAG, EVAL_LOGGED_THROUGH_TAG):
+        client.set_tag(run_id, tag, str(step))
 
 
 class RunLogger:
@@ -88,20 +96,21 @@ class RunLogger:
         self.total, self.log_every = total_steps, log_every
         self.run_id, self.client = run_id, None
         self.pending: list = []
-        self.pending_through = 0
+        self.pending_through = {"train": 0, "eval": 0}
         self.monitor = None
         if not enabled:
             return
         setup_logging()
         self.progress = _Progress(total_steps, start_step, progress_bar)
-        self.restart_mark = 0  # steps up to here were logged by an earlier launch of this run
+        self.restart_mark = self.eval_mark = 0  # steps up to here were logged by an earlier attempt
         if run_id is not None:
             from mlflow import MlflowClient
             self.client = MlflowClient(tracking_uri)
             # A restart (worker failure, or a resume after the run went on past its last
             # checkpoint) repeats steps MLflow already has, with the same values: log each once.
-            tag = self.client.get_run(run_id).data.tags.get(LOGGED_THROUGH_TAG)
-            self.restart_mark = int(tag) if tag else 0
+            tags = self.client.get_run(run_id).data.tags
+            self.restart_mark = int(tags.get(LOGGED_THROUGH_TAG) or 0)
+            self.eval_mark = int(tags.get(EVAL_LOGGED_THROUGH_TAG) or 0)
             if self.restart_mark > start_step:
                 logger.info(f"MLflow has this run's metrics up to step {self.restart_mark} from an earlier "
                             f"launch: steps {start_step + 1}-{self.restart_mark} are not logged again")
@@ -111,21 +120,24 @@ class RunLogger:
                                                     tracking_uri=tracking_uri)
                 self.monitor.start()
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, *, family: str = "eval") -> None:
+        """Buffer metrics of `step`. `family`: "train" (the step's own metrics) or "eval"
+        (evaluations, NIAH); each has its own logged-through mark, so an evaluation an
+        earlier attempt did not get to log is logged even at an already logged step."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
-        if step <= self.restart_mark:
+        if step <= (self.restart_mark if family == "train" else self.eval_mark):
             return
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.pending_through = max(self.pending_through, step)
+        self.pending_through[family] = max(self.pending_through[family], step)
 
     def step(self, step: int, metrics: dict) -> None:
         """Record one training step: buffer, update the bar, log a line each interval."""
         if not self.enabled:
             return
-        self.log(step, metrics)
+        self.log(step, metrics, family="train")
         self.progress.update(metrics["train/loss"])
         if step % self.log_every == 0 or step == self.total:
             logger.info(format_step_line(step, self.total, metrics))
@@ -135,14 +147,20 @@ class RunLogger:
         if self.enabled:
             logger.info(msg)
 
+    def warning(self, msg: str) -> None:
+        if self.enabled:
+            logger.warning(msg)
+
     def flush(self) -> None:
         if self.client is not None and self.pending:
             from mlflow.entities import RunTag
 
             # MLflow caps a batch at 1000 metrics; the last batch also moves the logged-through mark.
+            marks = {LOGGED_THROUGH_TAG: max(self.restart_mark, self.pending_through["train"]),
+                     EVAL_LOGGED_THROUGH_TAG: max(self.eval_mark, self.pending_through["eval"])}
             for i in range(0, len(self.pending), 1000):
                 last = i + 1000 >= len(self.pending)
-                tags = [RunTag(LOGGED_THROUGH_TAG, str(self.pending_through))] if last else []
+                tags = [RunTag(k, str(v)) for k, v in marks.items()] if last else []
                 self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000], tags=tags, synchronous=True)
         self.pending = []
 
