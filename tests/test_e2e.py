@@ -2,11 +2,10 @@
 
 - The default preset submitted with `ray job submit` succeeds; its MLflow run has
   params, one loss per step, eval metrics and the artifacts; the loss falls.
-- A run stopped after a checkpoint and resumed with `checkpoint.resume=auto` logs
-  the same per-step losses as the uninterrupted run, into the same MLflow run.
 - With checkpoints in S3 (a loopback server), a worker killed mid-run is restarted by Ray
   from the bucket, SIGTERM stops the run with a checkpoint there, and a resume finishes it
-  with the local-disk run's losses, each step logged once.
+  with the local-disk run's losses, each step logged once, into the same MLflow run
+  (resuming from a local folder, and after a corrupt checkpoint, is in test_operations.py).
 - The console shows longctx's lines only (every step line), none of Ray's or DeepSpeed's.
 """
 
@@ -98,35 +97,6 @@ def test_ray_job_submit_default_preset(default_job):
     print(f"default preset via ray job submit: {default_job['seconds']:.1f} s; loss {first:.3f} -> {last:.3f}")
 
 
-def test_resume_is_exact_and_continues_the_mlflow_run(default_job, ray_cluster):
-    """Stop the default preset at its first checkpoint, resume it, compare with the uninterrupted job."""
-    out = default_job["out"]
-    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
-    common = ["train", f"run.output_dir={out}", "run.name=resumed"]
-    first_run = _run(longctx_cmd(*common, "train.stop_at_step=20"), env)
-    client = _mlflow(os.path.join(out, "mlflow.db"))
-    first = _only_run(client, "resumed")
-    assert sorted(_losses(client, first.info.run_id)) == list(range(1, 21))
-
-    second = _run(longctx_cmd(*common, "checkpoint.resume=auto"), env)
-    assert "resumed from" in second.stdout + second.stderr
-    # The console: every logging interval's step line, and nothing of Ray's or DeepSpeed's.
-    shown = [int(x) for x in re.findall(r"longctx step\s+(\d+)/40 ", first_run.stdout + second.stdout)]
-    assert shown == list(range(5, 41, 5)), shown
-    for proc in (first_run, second):
-        noise = _not_ours(proc.stdout + proc.stderr)
-        assert noise == [], f"{len(noise)} framework lines on the console:\n" + "\n".join(noise[:20])
-    run = _only_run(client, "resumed")
-    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
-
-    resumed = _losses(client, run.info.run_id)
-    reference = _losses(client, _only_run(client, "default").info.run_id)
-    assert resumed.keys() == reference.keys()
-    worst = max(abs(resumed[s] - reference[s]) / abs(reference[s]) for s in reference)
-    assert worst <= 1e-6, f"resumed losses differ from the uninterrupted run by up to {worst:.2e} (relative)"
-    print(f"resume: {len(resumed)} steps, worst relative loss difference {worst:.1e}")
-
-
 def test_s3_checkpoints_survive_a_killed_worker_and_a_stop(default_job, ray_cluster, s3_server):
     """checkpoint.dir=s3://... (moto's server on loopback): a worker killed after the step-20
     checkpoint is restarted from the bucket, SIGTERM at step 30 writes a checkpoint there,
@@ -168,7 +138,11 @@ def test_s3_checkpoints_survive_a_killed_worker_and_a_stop(default_job, ray_clus
     second = _run(longctx_cmd(*common, "checkpoint.resume=auto"), env)
     assert f"resumed from {m.group(2)} at step {m.group(1)}" in second.stdout
     run = _only_run(client, "s3run")
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED"  # the one run named s3run: the stop and the resume continued it
+    # The console: every logging interval's step line (those after step 20 twice in the first
+    # launch: the restart repeats them), and nothing of Ray's or DeepSpeed's.
+    shown = [int(x) for x in re.findall(r"longctx step\s+(\d+)/40 ", first + second.stdout)]
+    assert sorted(set(shown)) == list(range(5, 41, 5)), shown
     resumed = _losses(client, run.info.run_id)  # asserts each step once
     reference = _losses(client, _only_run(client, "default").info.run_id)
     assert resumed.keys() == reference.keys()

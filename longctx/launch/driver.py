@@ -176,9 +176,9 @@ def _wait_for_cluster(cfg: Config, announce, stop=None) -> None:
     long, and fail (with what is missing) after `ray.resource_timeout_s`."""
     import ray
 
-    need = {"CPU": cfg.ray.num_workers * cfg.ray.cpus_per_worker}
-    if cfg.ray.use_gpu:
-        need["GPU"] = float(cfg.ray.num_workers)
+    from longctx.launch.preflight import resources_needed
+
+    need = {k: v for k, v in resources_needed(cfg).items() if v}
     have = ray.cluster_resources()
     short = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
     if not short:

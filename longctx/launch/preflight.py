@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -74,6 +75,9 @@ def check_mlflow(cfg: Config) -> list[str]:
         status = _http_get(f"{base}/health")
         if status == 404:  # behind a proxy that only forwards the API
             status = _http_get(f"{base}/{MLFLOW_API_PROBE}")
+    except ssl.SSLError as err:  # it answers TLS; MLflow's own client may trust what urllib does not
+        return [f"MLflow tracking server {uri} (from {source}) answers, but its TLS certificate was not "
+                f"verified here ({getattr(err, 'reason', None) or err})"]
     except (OSError, ValueError, http.client.HTTPException) as err:  # refused, timed out, unknown host, not HTTP
         reason = getattr(err, "reason", None) or err
         raise ConfigError(f"the MLflow tracking server {uri} (from {source}) does not answer: {reason}. "
