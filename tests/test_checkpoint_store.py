@@ -171,6 +171,11 @@ def test_s3_round_trip_world1_and_corrupt_object(s3):
     assert ckpt.verify_checkpoint(path, checksums=False) == []
     with pytest.raises(ckpt.InvalidCheckpoint, match=r"step_000002.*engine/ddp_state.pt: sha256"):
         ckpt.load_checkpoint(path, trainer.engine, rank=0)
+    # A worker that meets it while loading (it passed the driver's sizes check) uses the next
+    # older valid checkpoint instead.
+    from longctx.trainer.loop import _load_start
+
+    assert _load_start(trainer, trainer.cfg, trainer.ctx) == f"{root}/step_000001" and trainer.step == 1
     reports = []
     assert ckpt.newest_valid_checkpoint(root, report=reports.append) == f"{root}/step_000001"
     _rewrite(store, "step_000002/engine/ddp_state.pt", lambda d: d[:10])  # a truncated object
