@@ -85,10 +85,9 @@ class Console:
         for name in FRAMEWORK_LOGGERS:
             lg = logging.getLogger(name)
             self._saved_loggers[name] = (list(lg.handlers), lg.propagate, lg.level)
-            lg.handlers = [self._handler]
-            lg.propagate = False
             if name in ("ray", "DeepSpeed", "deepspeed"):
                 lg.setLevel(logging.INFO)
+        self._take_loggers()
         logging.captureWarnings(True)  # framework warnings into the file; ours are log lines
         return self
 
@@ -103,10 +102,8 @@ class Console:
         handler.setFormatter(self._handler.formatter)
         for record in self._handler.records:
             handler.handle(record)
-        for name in FRAMEWORK_LOGGERS:
-            lg = logging.getLogger(name)
-            lg.handlers = [handler if h is self._handler else h for h in lg.handlers]
         self._handler = handler
+        self._take_loggers()
         # Native writes to fd 2 into the file; Python's sys.stderr keeps the terminal.
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
@@ -129,9 +126,13 @@ class Console:
             yield
         finally:
             sys.stderr = terminal
-            for name in FRAMEWORK_LOGGERS:
-                lg = logging.getLogger(name)
-                lg.handlers, lg.propagate = [self._handler], False
+            self._take_loggers()
+
+    def _take_loggers(self) -> None:
+        """Every framework logger writes to our handler only (the buffer, then the file)."""
+        for name in FRAMEWORK_LOGGERS:
+            lg = logging.getLogger(name)
+            lg.handlers, lg.propagate = [self._handler], False
 
     def filter_ray_output(self) -> None:
         """After `ray.init`: lines forwarded from Ray's workers go through `_dispatch`."""

@@ -147,10 +147,9 @@ def _ray_worker_entry(config: dict) -> None:
         result = {"fatal": str(err)}
     except Exception as err:  # the traceback as text, for the driver to print once
         raise WorkerError(rank, type(err).__name__, str(err), traceback.format_exc()) from None
-    channel = find_channel(ctx.launch_id)
+    channel = find_channel(ctx.launch_id)  # Ray Train keeps reported metrics only with checkpoints
     if channel is not None and rank == 0:
         ray.get(channel.report.remote(result))
-    ray.train.report(result)
 
 
 def _worker_failure(err: Exception) -> RunError:

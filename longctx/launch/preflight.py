@@ -20,6 +20,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from longctx.config import Config, ConfigError
+from longctx.launch.tracking import tracking_source
 
 CONNECT_TIMEOUT_S = 4.0  # one attempt per endpoint; a live server answers in milliseconds
 # MLflow's HTTP client otherwise retries 7 times with exponential backoff and a 120 s timeout
@@ -41,16 +42,6 @@ def preflight(cfg: Config) -> list[str]:
 
 
 # ------------------------------------------------------------------ MLflow
-
-
-def tracking_source(cfg: Config) -> tuple[Optional[str], str]:
-    """(the tracking URI the user gave, the setting it came from); (None, "") = the local SQLite
-    default (`tracking.tracking_uri`, without creating its folder)."""
-    if cfg.logging.tracking_uri:
-        return cfg.logging.tracking_uri, "logging.tracking_uri"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
-    return None, ""
 
 
 def _http_get(url: str) -> Optional[int]:
@@ -175,5 +166,4 @@ def check_ray(cfg: Config) -> list[str]:
     return [f"Ray cluster at {address} (from {source}) answers"]
 
 
-__all__ = ["check_mlflow", "check_ray", "local_resources", "preflight", "ray_address", "resources_needed",
-           "tracking_source"]
+__all__ = ["check_mlflow", "check_ray", "local_resources", "preflight", "ray_address", "resources_needed"]

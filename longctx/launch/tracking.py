@@ -20,9 +20,19 @@ MLFLOW_PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch
 BOOKKEEPING = ("checkpoint.", "logging.", "run.", "ray.", "launcher", "train.stop_at_step")
 
 
+def tracking_source(cfg: Config) -> tuple[Optional[str], str]:
+    """(the tracking URI the user gave, the setting it came from); (None, "") = the local SQLite
+    default of `tracking_uri`."""
+    if cfg.logging.tracking_uri:
+        return cfg.logging.tracking_uri, "logging.tracking_uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
+    return None, ""
+
+
 def tracking_uri(cfg: Config) -> str:
     """logging.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite in the output folder."""
-    uri = cfg.logging.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri, _ = tracking_source(cfg)
     if uri:
         return uri
     out = os.path.abspath(cfg.run.output_dir)

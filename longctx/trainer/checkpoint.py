@@ -63,6 +63,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from longctx.trainer.distributed import all_gather_object
 from longctx.trainer.storage import Store, digest_local_file, optional_text
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -230,15 +231,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_gather(obj) -> list:
-    """Every rank's `obj`, by rank; `[obj]` in a world of one (with or without a process group)."""
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 # -- saving ------------------------------------------------------------------------------------------
 def _describe(folder: str) -> list[dict]:
     """[{path, size, sha256}] of every file below the local `folder`, paths relative with '/'."""
@@ -296,7 +288,7 @@ def save_checkpoint(root: str, step: int, engine, meta: dict, *, rank: int, keep
         engine.save(os.path.join(staging, "engine"))
         torch.save(rng_state(), os.path.join(staging, "rng", f"rank_{rank}.pt"))
         mine = _describe(staging)
-        per_rank = _all_gather(mine)
+        per_rank = all_gather_object(mine)
         _check_disjoint(per_rank)
         for entry in mine:
             src = os.path.join(staging, entry["path"])
@@ -365,7 +357,7 @@ def load_checkpoint(path: str, engine, *, rank: int) -> dict:
         if problems:
             raise InvalidCheckpoint(f"checkpoint {path} is not valid: " + "; ".join(problems))
         return _load_local(store.local_path, engine, rank)
-    hosts = _all_gather((socket.gethostname(), uuid.uuid4().hex))
+    hosts = all_gather_object((socket.gethostname(), uuid.uuid4().hex))
     leader = min(r for r, (host, _) in enumerate(hosts) if host == hosts[rank][0])
     cache = os.path.join(tempfile.gettempdir(), f"longctx-checkpoint-{hosts[0][1]}")  # one name, every node
     error = None
@@ -374,7 +366,7 @@ def load_checkpoint(path: str, engine, *, rank: int) -> dict:
             _download_verified(store, cache)
         except (InvalidCheckpoint, OSError) as e:
             error = f"{type(e).__name__}: {e}"
-    errors = [e for e in _all_gather(error) if e]  # also the barrier: every node's copy is complete
+    errors = [e for e in all_gather_object(error) if e]  # also the barrier: every node's copy is complete
     try:
         if errors:
             raise InvalidCheckpoint(f"checkpoint {path} could not be downloaded: {errors[0]}")

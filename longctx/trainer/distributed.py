@@ -29,6 +29,30 @@ def init_single_process_group() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, by rank; `[obj]` in a world of one (with or without a process
+    group). Under NCCL torch serialises through a tensor on the current CUDA device, which
+    `pick_device` has set."""
+    if _world() == 1:
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s picklable `obj` on every rank (the same device rule as `all_gather_object`)."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")

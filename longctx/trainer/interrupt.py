@@ -76,13 +76,12 @@ class SignalStop:
         self.signum: Optional[int] = None
         self.actor = None
         self._previous: dict = {}
-        self._requested = threading.Event()
 
     def use_ray(self, channel) -> None:
         """After `ray.init`, which installs its own SIGTERM handler (`sys.exit`): ours again."""
         self._install()
         self.actor = channel
-        if self._requested.is_set():
+        if self.requested:  # a signal came before Ray was up
             self.actor.request_stop.remote()
 
     def __enter__(self) -> "SignalStop":
@@ -100,7 +99,6 @@ class SignalStop:
         if self.signum is not None:  # the second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
-        self._requested.set()
         LOCAL.set()
         # A Ray call inside a signal handler could re-enter Ray's own locks: a thread makes it.
         if self.actor is not None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from longctx.config import Config, ConfigError
 from longctx.errors import RunError
@@ -30,7 +29,7 @@ from longctx.parallel import build_mesh
 from longctx.parallel.parallelize import parallelize
 from longctx.parallel.stats import StrategyStats
 from longctx.trainer import checkpoint as ckpt
-from longctx.trainer.distributed import pick_device
+from longctx.trainer.distributed import all_gather_object, broadcast_object, pick_device
 from longctx.trainer.engine import (bf16_autocast, partitions_on_build, release_freed_host_memory, zero3_build,
                                     zero3_gather)
 from longctx.trainer.long_eval import (min_niah_length, plot_niah, run_niah, summary_metrics, train_end_niah,
@@ -253,11 +252,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _gather_data_states(self) -> dict:
-        state = self.data.state_dict()
-        if self.mesh.world_size == 1:
-            return {"0": state}
-        gathered = [None] * self.mesh.world_size
-        dist.all_gather_object(gathered, (self.mesh.dp_rank, state))
+        gathered = all_gather_object((self.mesh.dp_rank, self.data.state_dict()))
         return {str(r): s for r, s in gathered}
 
     def save(self) -> str:
@@ -310,11 +305,7 @@ def _load_start(trainer: Trainer, cfg: Config, ctx: RunContext) -> Optional[str]
     store's checksums are only seen then) is reported and the next older valid one is used,
     unless the user named it (`checkpoint.resume=PATH`)."""
     mesh = trainer.mesh
-    start = resolve_resume(cfg, ctx) if mesh.rank == 0 else None
-    if mesh.world_size > 1:
-        box = [start]
-        dist.broadcast_object_list(box, src=0)
-        start = box[0]
+    start = broadcast_object(resolve_resume(cfg, ctx) if mesh.rank == 0 else None)
     while start is not None:
         try:
             trainer.load(start)
