@@ -143,7 +143,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping
     schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 5  # linear warmup; at most train.steps
+    warmup_steps: int = 5  # linear warmup; at most train.steps (unset: clamped to train.steps - 1)
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
 
@@ -375,6 +375,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         except OmegaConfBaseException as err:
             raise _reformat_omegaconf_error(err, source) from None
     cfg: Config = OmegaConf.to_object(merged)
+    if not any("warmup_steps" in (layer.get("optim") or {}) for layer, _ in layers):
+        # the schema's warmup fits the run (a 2-step smoke test needs no optim key); one the
+        # user chose and the run cannot hold is an error (`validate`)
+        cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(cfg.train.steps - 1, 0))
     if cfg.model.init_from:  # absolute: workers may start in another folder
         cfg.model.init_from = os.path.abspath(os.path.expanduser(cfg.model.init_from))
     if cfg.data.tokenizer == "auto":  # resolved here, so saved configs name the tokenizer used

@@ -93,6 +93,13 @@ def test_cp_must_divide_workers():
     assert "ray.num_workers=4" in msg
 
 
+def test_default_warmup_fits_a_short_run_but_a_chosen_one_must():
+    assert load_config(None, ["train.steps=2"]).optim.warmup_steps == 1  # the schema's 5, clamped
+    assert load_config(None, []).optim.warmup_steps == 5
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps=5 is longer than the run \(train.steps=2\)"):
+        load_config(None, ["train.steps=2", "optim.warmup_steps=5"])
+
+
 def test_missing_yaml_file(tmp_path):
     path = tmp_path / "nope.yaml"
     msg = config_error(str(path))

@@ -30,7 +30,10 @@ def _overrides(engine: str, cp: int, world: int) -> list[str]:
             "logging.mlflow=false", "model.attention_backend=torch"]
 
 
-def _train_body(rank: int, world: int, engine: str, cp: int, run_dir: str, extra: tuple = ()):
+def _train_body(rank: int, world: int, engine: str, cp: int, run_dir: str, extra: tuple = (),
+                resume: bool = False):
+    """Losses of 4 steps and the first step's gradients; with `resume`, also the losses of 2
+    steps after a checkpoint at step 4 and of the same 2 steps again after loading it."""
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["DS_ACCELERATOR"] = "cpu"
     from longctx.config import load_config
@@ -43,7 +46,17 @@ def _train_body(rank: int, world: int, engine: str, cp: int, run_dir: str, extra
     grads = {k: v.cpu() for k, v in trainer.engine.full_grads().items()}
     trainer.engine.step()
     losses = [first] + [trainer.train_step()["train/loss"] for _ in range(3)]
-    return {"losses": losses, "grads": grads if rank == 0 else None}
+    out = {"losses": losses, "grads": grads if rank == 0 else None}
+    if cfg.deepspeed.zero_stage == 3:  # fp32: the optimizer's master partition is the model's own
+        zero3 = trainer.engine.module.optimizer
+        out["master_shared"] = [m.data_ptr() == p.data_ptr() for p, m in
+                                zip(zero3.fp16_partitioned_groups_flat, zero3.fp32_partitioned_groups_flat)]
+    if resume:
+        path = trainer.save()
+        out["after_save"] = [trainer.train_step()["train/loss"] for _ in range(2)]
+        trainer.load(path)
+        out["after_load"] = [trainer.train_step()["train/loss"] for _ in range(2)]
+    return out
 
 
 def _assert_grads_equal(got: dict, want: dict) -> float:
@@ -87,12 +100,17 @@ def test_cp2_with_activation_checkpointing_matches_cp1_ddp(tmp_path):
 def test_zero3_cp2_trains_like_zero2_cp1(tmp_path):
     """ZeRO-3 builds the model partitioned (`deepspeed.zero.Init`) and initialises it one
     block at a time: the same initial weights as the whole-model build, so cp=2 under ZeRO-3
-    gives the losses and gradients of cp=1 under ZeRO-2 (the default of every other test)."""
+    gives the losses and gradients of cp=1 under ZeRO-2 (the default of every other test).
+    In fp32 its optimizer updates the model's partition in place (no master copy,
+    `share_master_partition`): the steps after a checkpoint repeat exactly once it is loaded."""
     base = run_distributed(_train_body, 1, "deepspeed", 1, str(tmp_path / "cp1"), timeout=240)[0]
-    cp2 = run_distributed(_train_body, 2, "deepspeed", 2, str(tmp_path / "cp2"), ("deepspeed.zero_stage=3",),
+    cp2 = run_distributed(_train_body, 2, "deepspeed", 2, str(tmp_path / "cp2"), ("deepspeed.zero_stage=3",), True,
                           timeout=240)
     torch.testing.assert_close(cp2[0]["losses"], base["losses"], rtol=RTOL, atol=0)
     _assert_grads_equal(cp2[0]["grads"], base["grads"])
+    for r in range(2):
+        assert cp2[r]["master_shared"] and all(cp2[r]["master_shared"])
+        assert cp2[r]["after_load"] == cp2[r]["after_save"], cp2[r]
 
 
 # Layer 0 is a sliding-window layer (the window is a mask of every strategy), layer 1 full attention.

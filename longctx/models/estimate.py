@@ -40,6 +40,11 @@ def matmul_params(model_cfg: ModelConfig, vocab_size: int) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def largest_block_params(model_cfg: ModelConfig) -> int:
+    """Parameters of the model's largest block (attention or memory layer with its MLP)."""
+    return max(sum(p.numel() for p in layer.parameters()) for layer in _meta_model(model_cfg, 1).layers)
+
+
 # --------------------------------------------------------------------------- FLOPs
 
 

@@ -54,8 +54,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(cfg: Config, model: torch.nn.Module):
     o = cfg.optim
+    # The fused kernel (CPU and CUDA) updates each tensor in one pass, without the
+    # temporaries of the foreach path (a model-sized copy at its peak, or, under ZeRO-3,
+    # a copy of the rank's whole flat partition).
+    device = next(model.parameters()).device.type
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            foreach=model.parameters().__next__().device.type != "meta")
+                            fused=device in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     return opt, sched
 
@@ -164,13 +168,25 @@ def zero_buckets(cfg: Config) -> dict:
     elements: a gradient bucket as large as a 100M-parameter model on every rank): the
     reduce bucket and ZeRO-3's prefetch bucket hold about dim^2 elements, and parameters
     under 10 * dim elements (norms, biases) stay whole (the sizes Hugging Face's DeepSpeed
-    integration derives from `hidden_size`). `deepspeed.config` may override each."""
+    integration derives from `hidden_size`).
+
+    ZeRO-3 also keeps a gathered parameter whole until it is used again if that reuse is
+    within `stage3_max_reuse_distance` elements of parameters, and gathers ahead up to
+    `stage3_max_live_parameters`; DeepSpeed's 1e9 for both keeps a whole model of up to
+    1e9 parameters gathered from the forward to the backward, from the second step on
+    (its trace of the module order is complete after the first). Here a parameter is kept
+    only until its block's own recompute and backward (one block), and at most three
+    blocks are live. `deepspeed.config` may override each."""
     dim = cfg.model.dim
     zero = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage >= 1:
         zero.update(reduce_bucket_size=dim * dim, allgather_bucket_size=max(dim * dim, 2**22))
     if cfg.deepspeed.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=int(0.9 * dim * dim), stage3_param_persistence_threshold=10 * dim)
+        from longctx.models.estimate import largest_block_params
+
+        block = largest_block_params(cfg.model)
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * dim * dim), stage3_param_persistence_threshold=10 * dim,
+                    stage3_max_reuse_distance=block, stage3_max_live_parameters=3 * block)
     return zero
 
 
@@ -226,7 +242,14 @@ def zero3_build(cfg: Config, device: torch.device):
 def release_freed_host_memory() -> None:
     """Hand memory the allocator has freed back to the OS (glibc's `malloc_trim`). A
     partitioned build frees each module's whole tensors as it partitions them; glibc keeps
-    most of that in its heap, so without this the process looks as large as the model."""
+    most of that in its heap, so without this the process looks as large as the model.
+
+    First a garbage collection: a parameter DeepSpeed converted and the model then dropped
+    (a tied lm head's own weight, replaced by the embedding table) refers to itself through
+    the methods DeepSpeed attaches, so only the cycle collector frees its partition."""
+    import gc
+
+    gc.collect()
     try:
         import ctypes
 
@@ -244,6 +267,29 @@ def zero3_gather(params):
                                              modifier_rank=0)
 
 
+def share_master_partition(zero3_optimizer) -> int:
+    """Let ZeRO-3's optimizer update the model's own partition when the two would be copies.
+
+    DeepSpeed keeps a master-weight partition beside the model's partition and skips the
+    copy when both have the master dtype on the optimizer's device, but it compares a
+    `torch.device` with the device's name (a string), which is never equal (DeepSpeed
+    0.19): fp32 training holds its partition twice, 4 bytes a parameter over the ranks
+    for nothing. Here each such master partition takes the model partition's storage, the
+    state DeepSpeed's own aliasing leaves (its copy back after a step, and a checkpoint
+    load, then copy a tensor onto itself). bf16 and offloaded partitions differ in dtype
+    or device and are left alone. Returns the bytes freed on this rank."""
+    freed = 0
+    for part, master in zip(zero3_optimizer.fp16_partitioned_groups_flat,
+                            zero3_optimizer.fp32_partitioned_groups_flat):
+        if part is None or master.numel() == 0 or master.data_ptr() == part.data_ptr():
+            continue
+        if master.dtype != part.dtype or master.device != part.device or master.shape != part.shape:
+            continue
+        master.data = part.data  # the same tensor object: the optimizer's groups and state keep their keys
+        freed += part.numel() * part.element_size()
+    return freed
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg: Config, model: torch.nn.Module, mesh, device: torch.device):
         deepspeed = _start_deepspeed(device)
@@ -253,6 +299,8 @@ class DeepSpeedEngine(Engine):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
             dist_init_required=False)
         self.raw = model
+        if cfg.deepspeed.zero_stage == 3:
+            share_master_partition(self.optimizer)
 
     def autocast(self):
         return torch.autocast(self.device.type, enabled=False)  # DeepSpeed casts the module itself
