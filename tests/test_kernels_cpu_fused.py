@@ -77,6 +77,15 @@ CASES = {
     "striped_2_1": _striped(2, 1),
     "striped_3_0_docs_gqa": _striped(3, 0, docs=True, H=4, H_kv=1),
     "striped_noncausal_docs": _striped(0, 2, docs=True) | dict(causal=False),
+    # sliding windows that hide pairs: band blocks (unmasked where every row sees the same keys)
+    "window_causal": dict(q_index=torch.arange(100), k_index=torch.arange(100), causal=True, window=9),
+    "window_docs_gqa": dict(q_index=torch.arange(100), k_index=torch.arange(100), causal=True, window=30,
+                            q_doc=docs_from_lengths([[7, 50, 43], [100]]),
+                            k_doc=docs_from_lengths([[7, 50, 43], [100]]), H=4, H_kv=2),
+    "window_noncausal_docs": dict(q_index=A40, k_index=A40, q_doc=DOCS, k_doc=DOCS, causal=False, window=6),
+    "window_q_after_k": dict(q_index=torch.arange(60, 100), k_index=torch.arange(0, 70), causal=True, window=25),
+    "window_zigzag_1_2": _zz(1, 2, window=10),  # some rows see no key of the step: in no block
+    "window_striped_docs": _striped(3, 1, docs=True, window=12),
     "empty_rows_docs": dict(
         q_index=torch.arange(10, 20), k_index=torch.arange(0, 12),
         q_doc=torch.tensor([[1] * 4 + [2] * 6, [0] * 10]),
@@ -98,7 +107,7 @@ def _batch(case):
 
 def _plan(case, B):
     return cpu_fused.plan(case["q_index"], case["k_index"], case.get("q_doc"), case.get("k_doc"),
-                          case.get("causal", True), batch=B)
+                          case.get("causal", True), batch=B, window=case.get("window"))
 
 
 def _close(a, r, dtype, name):
@@ -169,13 +178,11 @@ def test_plans():
         (0, 2, 0, 20, [(0, 20, True)]), (0, 2, 20, 64, [(20, 64, True)]), (2, 3, 0, 64, [(0, 64, True)])]
 
 
-@pytest.mark.parametrize("why", ["window", "unsorted", "split_doc", "tiny_segments"])
+@pytest.mark.parametrize("why", ["unsorted", "split_doc", "tiny_segments"])
 def test_fallback_cases_still_exact(why):
     a = torch.arange(40)
     case = dict(q_index=a, k_index=a, causal=True)
-    if why == "window":
-        case["window"] = 9
-    elif why == "unsorted":
+    if why == "unsorted":
         case["k_index"] = a[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
     elif why == "split_doc":
         d = torch.tensor([[0] * 10 + [1] * 10 + [0] * 20] * 2)
@@ -183,8 +190,7 @@ def test_fallback_cases_still_exact(why):
     else:  # q every 4th token, k dense: a fused call per query
         case.update(q_index=torch.arange(0, 160, 4), k_index=torch.arange(160))
     B = _batch(case)
-    if why != "window":
-        assert _plan(case, B) is None
+    assert _plan(case, B) is None
     got, ref, _ = run(case, torch.float64)
     for label, a_, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
         _close(a_, r, torch.float64, label)
@@ -286,3 +292,23 @@ def test_segments_cover_exactly_the_visible_prefixes():
                 seen[r0:r1, k0:k1] += block.tril() if causal else block
         want = (torch.arange(seen.shape[1])[None] < hi[:, None]).long()
         assert torch.equal(seen, want), hi.tolist()
+
+
+def test_band_blocks_cover_exactly_the_window():
+    """Random non-decreasing [lo, hi) per row (lo <= hi): the band calls give each row exactly
+    keys [lo, hi), once; rows with lo = hi are in no call; a block has at most `rows` rows."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        n = int(torch.randint(1, 60, (), generator=g))
+        hi = torch.cumsum(torch.tensor([0, 1, 1, 1, 2, 4])[torch.randint(0, 6, (n,), generator=g)], 0) + 3
+        lo = torch.minimum(torch.cumsum(torch.tensor([0, 1, 1, 3])[torch.randint(0, 4, (n,), generator=g)], 0), hi)
+        rows = int(torch.randint(1, 20, (), generator=g))
+        seen = torch.zeros(n, int(hi[-1]) + 1, dtype=torch.int64)
+        for r0, r1, calls in cpu_fused._band_segments(lo, hi, rows):
+            assert 0 < r1 - r0 <= rows and bool((hi[r0:r1] > lo[r0:r1]).all())
+            for k0, k1, kind in calls:
+                block = torch.ones(r1 - r0, k1 - k0, dtype=torch.int64)
+                seen[r0:r1, k0:k1] += block if kind is False else kind.long()
+        j = torch.arange(seen.shape[1])[None]
+        want = ((j >= lo[:, None]) & (j < hi[:, None])).long()
+        assert torch.equal(seen, want), (lo.tolist(), hi.tolist())

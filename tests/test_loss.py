@@ -39,8 +39,10 @@ def test_matches_plain_cross_entropy(chunk):
     torch.testing.assert_close(losses, want, rtol=RTOL, atol=1e-6)
     assert torch.equal(losses[labels == -100], torch.zeros_like(losses[labels == -100]))
     assert torch.equal(preds, logits.argmax(-1))
-    torch.testing.assert_close(dh, dh_want, rtol=RTOL, atol=1e-7)
-    torch.testing.assert_close(dw, dw_want, rtol=RTOL, atol=1e-7)
+    # absolute floor 1e-6 x the tensor's largest magnitude, as the CP tests: an element near 0
+    # sums many chunks' terms, so it carries that much rounding in any summation order
+    torch.testing.assert_close(dh, dh_want, rtol=RTOL, atol=1e-6 * float(dh_want.abs().max()))
+    torch.testing.assert_close(dw, dw_want, rtol=RTOL, atol=1e-6 * float(dw_want.abs().max()))
 
 
 def test_shapes_and_errors():

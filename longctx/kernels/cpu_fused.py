@@ -8,7 +8,7 @@ Algorithm
 ---------
 Work happens in *position* space (the order of the rows of q and of k/v),
 not in token-index space. When ``q_index`` and ``k_index`` are each
-non-decreasing, there is no window, and every document occupies one
+non-decreasing, there is no window (see below for one), and every document occupies one
 contiguous run of positions in both q and k (true whenever a document is a
 contiguous token range, in any sorted layout: arange, zigzag, striped, ring
 steps), the keys visible to query ``i`` of one document ``d`` are exactly
@@ -58,16 +58,22 @@ q/k/v go to the op as ``[B, H, S, D]`` views of the ``[B, S, H, D]`` tensors
 (no copies for fp32); the op's own blocking bounds its memory.
 
 A window with ``window > max(q_index) - min(k_index)`` cannot hide any pair
-and is dropped (exact: every pair is inside it).
+and is dropped (exact: every pair is inside it). A window that hides some
+pair adds a lower end: query ``i`` sees key positions ``[ka_d + lo(i), ka_d +
+hi(i))`` with ``lo(i)`` = the number of the document's keys with ``k_index <=
+q_index[i] - window``, also non-decreasing ("band"). Rows with ``lo < hi`` are
+cut into blocks of ``band_rows(window)`` rows (at most ``window / 2``, so a
+block's key span ``hi(r1 - 1) - lo(r0)`` is at most 1.5x a row's); a block
+where every row sees the same keys is one call without mask, any other one
+call over its key span with a boolean mask ``lo(i) <= j < hi(i)`` (the op
+takes ``attn_mask``, forward and backward). Rows with ``lo = hi`` see nothing
+and are in no block, so no call has an empty row here either.
 
 Fallback (``None`` returned, chunked path): a non-CPU device, a dtype other
-than fp16/bf16/fp32/fp64, empty sequences, a sliding window that hides some
-pair (the op has no band mask; the chunked path skips blocks below the
-window), unsorted
-indices, a document split into several runs of positions, a plan with far
-more fused calls than rows warrant (many tiny segments: per-call overhead
-would dominate), or ``LONGCTX_CPU_FUSED=0`` in the environment (used to
-compare the two paths).
+than fp16/bf16/fp32/fp64, empty sequences, unsorted indices, a document split
+into several runs of positions, a plan with far more fused calls than rows
+warrant (many tiny segments: per-call overhead would dominate), or
+``LONGCTX_CPU_FUSED=0`` in the environment (used to compare the two paths).
 """
 
 from __future__ import annotations
@@ -153,6 +159,58 @@ def _segments(hi):
     return out
 
 
+def band_rows(window: int) -> int:
+    """Query rows per block of a band plan: half the window, within [16, 256]."""
+    return max(16, min(256, window // 2))
+
+
+def _band_segments(lo, hi, rows):
+    """Cut rows that see keys ``[lo(i), hi(i))`` (both non-decreasing) into calls.
+
+    Returns [(r0, r1, [(k0, k1, kind)])] like ``_segments``: rows with ``lo < hi``
+    in blocks of at most ``rows``; ``kind`` is False when every row of the block
+    sees the whole span ``[k0, k1)``, else the block's boolean mask ``[r1 - r0,
+    k1 - k0]``.
+    """
+    sees = (hi > lo).tolist()
+    lo_l, hi_l = lo.tolist(), hi.tolist()
+    out, n, r = [], len(sees), 0
+    while r < n:
+        if not sees[r]:
+            r += 1
+            continue
+        e = r  # the run of rows that see keys, then its blocks
+        while e < n and sees[e]:
+            e += 1
+        for r0 in range(r, e, rows):
+            r1 = min(r0 + rows, e)
+            k0, k1 = lo_l[r0], hi_l[r1 - 1]
+            if lo_l[r1 - 1] == k0 and hi_l[r0] == k1:
+                kind = False
+            else:
+                j = torch.arange(k0, k1)
+                kind = (j[None] >= lo[r0:r1, None]) & (j[None] < hi[r0:r1, None])
+            out.append((r0, r1, [(k0, k1, kind)]))
+        r = e
+    return out
+
+
+def _lo(q_index, k_index, window):
+    """Per query, the number of keys with ``k_index <= q_index - window`` (below its window)."""
+    return torch.from_numpy(np.searchsorted(k_index.numpy(), (q_index - window).numpy(),
+                                            side="right").astype(np.int64))
+
+
+def _calls(q_index, k_index, causal, window):
+    """The calls of one document's (or the whole row's) queries against its keys."""
+    hi = _hi(q_index, k_index, causal)
+    if window is not None:
+        lo = _lo(q_index, k_index, window)
+        if bool(lo.any()):
+            return _band_segments(lo, hi, band_rows(window))
+    return _segments(hi)
+
+
 def _hi(q_index, k_index, causal):
     """Per query, the number of keys with ``k_index <= q_index`` (all keys when not causal)."""
     if not causal:
@@ -161,20 +219,22 @@ def _hi(q_index, k_index, causal):
     return torch.from_numpy(np.searchsorted(k_index.numpy(), q_index.numpy(), side="right").astype(np.int64))
 
 
-def plan(q_index, k_index, q_doc=None, k_doc=None, causal=True, batch=1):
+def plan(q_index, k_index, q_doc=None, k_doc=None, causal=True, batch=1, window=None):
     """The fused calls, or None when the fast path does not apply.
 
-    Returns a list of groups ``(b0, b1, q0, q1, [(k0, k1, causal), ...])``:
+    Returns a list of groups ``(b0, b1, q0, q1, [(k0, k1, kind), ...])``:
     batch rows ``[b0, b1)``, query rows ``[q0, q1)`` and the key ranges whose
-    partial results merge to the rows' result. Groups cover disjoint
-    (batch, query) regions; rows in no group see no key. Indices must be
-    int64 CPU tensors, documents int64 ``[B, S]`` or None.
+    partial results merge to the rows' result; ``kind`` is True (top-left
+    causal), False (no mask) or a boolean mask ``[q1 - q0, k1 - k0]`` (a
+    window's band). Groups cover disjoint (batch, query) regions; rows in no
+    group see no key. Indices must be int64 CPU tensors, documents int64
+    ``[B, S]`` or None.
     """
     if not (_sorted(q_index) and _sorted(k_index)):
         return None
     groups = []
     if q_doc is None:
-        for r0, r1, calls in _segments(_hi(q_index, k_index, causal)):
+        for r0, r1, calls in _calls(q_index, k_index, causal, window):
             groups.append((0, batch, r0, r1, calls))
     else:
         B = q_doc.shape[0]
@@ -190,7 +250,7 @@ def plan(q_index, k_index, q_doc=None, k_doc=None, causal=True, batch=1):
                 if d not in k_runs:
                     continue
                 ka, kb = k_runs[d]
-                for r0, r1, calls in _segments(_hi(q_index[qa:qb], k_index[ka:kb], causal)):
+                for r0, r1, calls in _calls(q_index[qa:qb], k_index[ka:kb], causal, window):
                     groups.append((b, b1, qa + r0, qa + r1, [(ka + k0, ka + k1, c) for k0, k1, c in calls]))
             b = b1
     n_calls = sum(len(g[4]) * (g[1] - g[0]) for g in groups)
@@ -204,13 +264,19 @@ def _plan_for(q, k, q_index, k_index, q_doc, k_doc, causal, window):
         return None
     q_index = q_index.to(device="cpu", dtype=torch.int64)
     k_index = k_index.to(device="cpu", dtype=torch.int64)
-    if window is not None and int(q_index.max()) - int(k_index.min()) >= window:
-        return None  # the window cuts some pair: chunked path
-    # else every pair has q_index - k_index < window: the window changes nothing.
+    if window is not None and int(q_index.max()) - int(k_index.min()) < window:
+        window = None  # every pair has q_index - k_index < window: the window changes nothing
     if q_doc is not None:
         q_doc = q_doc.to(device="cpu", dtype=torch.int64)
         k_doc = k_doc.to(device="cpu", dtype=torch.int64)
-    return plan(q_index, k_index, q_doc, k_doc, causal, batch=q.shape[0])
+    return plan(q_index, k_index, q_doc, k_doc, causal, batch=q.shape[0], window=window)
+
+
+def _mask_args(kind, cdt):
+    """(is_causal, attn_mask) of a planned call's ``kind`` (see ``plan``)."""
+    if isinstance(kind, bool):
+        return kind, None
+    return False, torch.zeros(kind.shape, dtype=cdt).masked_fill_(~kind, float("-inf"))
 
 
 def _heads_first(t, cdt):
@@ -235,16 +301,19 @@ def forward(q, k, v, *, q_index, k_index, q_doc, k_doc, causal, window, softmax_
     cdt = _ref.compute_dtype(q.dtype)
     qt, kt, vt = (_heads_first(t, cdt) for t in (q, k, v))
     if len(groups) == 1 and groups[0][:4] == (0, B, 0, S_q) and len(groups[0][4]) == 1:
-        (k0, k1, is_causal), = groups[0][4]  # one call covers everything (e.g. aligned causal)
-        o, l = _FWD(qt, kt[:, :, k0:k1], vt[:, :, k0:k1], 0.0, is_causal, scale=scale)
+        (k0, k1, kind), = groups[0][4]  # one call covers everything (e.g. aligned causal)
+        is_causal, mask = _mask_args(kind, cdt)
+        o, l = _FWD(qt, kt[:, :, k0:k1], vt[:, :, k0:k1], 0.0, is_causal, attn_mask=mask, scale=scale)
         return o.transpose(1, 2).to(q.dtype), l.contiguous()
     out = torch.zeros(B, S_q, H, D, dtype=cdt)
     lse = torch.full((B, H, S_q), float("-inf"), dtype=cdt)
     for b0, b1, q0, q1, calls in groups:
         o = l = None
         qc = qt[b0:b1, :, q0:q1]
-        for k0, k1, is_causal in calls:
-            oc, lc = _FWD(qc, kt[b0:b1, :, k0:k1], vt[b0:b1, :, k0:k1], 0.0, is_causal, scale=scale)
+        for k0, k1, kind in calls:
+            is_causal, mask = _mask_args(kind, cdt)
+            oc, lc = _FWD(qc, kt[b0:b1, :, k0:k1], vt[b0:b1, :, k0:k1], 0.0, is_causal, attn_mask=mask,
+                          scale=scale)
             oc = oc.transpose(1, 2)  # [b, nq, H, D]
             if o is None:
                 o, l = oc, lc
@@ -282,19 +351,22 @@ def backward(dout, q, k, v, out, lse, *, q_index, k_index, q_doc, k_doc, causal,
     lse = lse.to(cdt)
     # lse = -inf: the row sees no key at all; +inf makes P = exp(s - lse) = 0 there.
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    if len(groups) == 1 and groups[0][:4] == (0, B, 0, S_q) and groups[0][4] == [(0, S_k, groups[0][4][0][2])]:
+    if len(groups) == 1 and groups[0][:4] == (0, B, 0, S_q) and len(groups[0][4]) == 1 \
+            and groups[0][4][0][:2] == (0, S_k):
         # one call covers every (query, key) block: its gradients are the result
-        gq, gk, gv = _BWD(dot, qt, kt, vt, ot, lse, 0.0, groups[0][4][0][2], scale=scale)
+        is_causal, mask = _mask_args(groups[0][4][0][2], cdt)
+        gq, gk, gv = _BWD(dot, qt, kt, vt, ot, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
         return gq.transpose(1, 2).to(q.dtype), gk.transpose(1, 2).to(k.dtype), gv.transpose(1, 2).to(v.dtype)
     dq = torch.zeros(B, S_q, H, D, dtype=cdt)
     dk = torch.zeros(B, S_k, H_kv, D, dtype=cdt)
     dv = torch.zeros(B, S_k, H_kv, D, dtype=cdt)
     for b0, b1, q0, q1, calls in groups:
         rows = (slice(b0, b1), slice(None), slice(q0, q1))
-        for k0, k1, is_causal in calls:
+        for k0, k1, kind in calls:
             keys = (slice(b0, b1), slice(None), slice(k0, k1))
+            is_causal, mask = _mask_args(kind, cdt)
             gq, gk, gv = _BWD(dot[rows], qt[rows], kt[keys], vt[keys], ot[rows], lse[rows], 0.0, is_causal,
-                              scale=scale)
+                              attn_mask=mask, scale=scale)
             dq[b0:b1, q0:q1] += gq.transpose(1, 2)
             dk[b0:b1, k0:k1] += gk.transpose(1, 2)
             dv[b0:b1, k0:k1] += gv.transpose(1, 2)
