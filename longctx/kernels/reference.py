@@ -17,9 +17,10 @@ produces NaN for such rows, forward or backward.
 On CPU, ``forward`` / ``backward`` first try ``cpu_fused``: PyTorch's fused
 CPU flash-attention op on blocks planned from the indices and documents
 (causal diagonals as ``is_causal`` calls, fully visible prefixes without a
-mask, documents as separate segments, invisible blocks never computed).
-Where that plan does not apply (a sliding window, unsorted indices, a
-document split into several runs, other devices or dtypes; see that module)
+mask, documents as separate segments, a sliding window as masked band blocks,
+invisible blocks never computed).
+Where that plan does not apply (unsorted indices, a document split into
+several runs, other devices or dtypes; see that module)
 the chunked path below runs. Both give the same results up to rounding.
 """
 
