@@ -3,8 +3,9 @@
 1. Pretrain a tiny Llama at 256 tokens (`longctx train launcher=local`) and export it.
 2. Extend it to 2048 tokens with YaRN (factor 8) at cp=2 on the shared Ray cluster
    (`longctx train model.init_from=DIR`, DeepSpeed ZeRO-2).
-3. `longctx eval --task ppl` before and after (the latter at cp=2): perplexity at positions
-   1024-2048 is lower after the extension.
+3. `longctx eval --task ppl` before and after, in one process: perplexity at positions
+   1024-2048 is lower after the extension (evaluation at cp=2 on Ray equals one process:
+   test_long_eval.py).
 4. The extended run (ZeRO-2) exports to a folder transformers loads, with logits equal to
    longctx's for the trained weights (the ZeRO-3 round trip is in test_hf_roundtrip.py).
 """
@@ -64,12 +65,12 @@ def test_yarn_extension_lowers_long_range_perplexity(ray_cluster, tmp_path):
                      "parallel.cp=2", "ray.num_workers=2", "train.steps=20", "optim.lr=1e-3",
                      "optim.warmup_steps=3", *common), env)
 
-    # 3. perplexity by position, before (one process) and after (cp=2 on Ray)
+    # 3. perplexity by position, before and after (one process each)
     ppl = ["--task", "ppl", "--length", "2048", "--buckets", "8", "--docs", "2"]
     before, after = str(tmp_path / "before.json"), str(tmp_path / "after.json")
     _run(longctx_cmd("eval", base, *ppl, "--json", before, "launcher=local", "data.seq_len=256", *LONG_DOCS), env)
     _run(longctx_cmd("eval", os.path.join(out, "extended"), *ppl, "--json", after, "--plot",
-                     str(tmp_path / "after.png")), env)
+                     str(tmp_path / "after.png"), "launcher=local"), env)
     ppl_before, ppl_after = _ppl_range(before, 1024, 2048), _ppl_range(after, 1024, 2048)
     short_before, short_after = _ppl_range(before, 0, 256), _ppl_range(after, 0, 256)
     print(f"perplexity at positions 1024-2048: {ppl_before:.2f} before -> {ppl_after:.2f} after YaRN x8 "

@@ -172,7 +172,8 @@ def attention_figures(seq_lens, masks, impls, *, device="cuda", dtype="bf16", he
 
     ns = argparse.Namespace(seq_lens=",".join(map(str, seq_lens)), batch=1, heads=heads, kv_heads=kv_heads,
                             head_dim=head_dim, dtype=dtype, impls=",".join(impls), masks=",".join(masks),
-                            modes="fwd,bwd,fwd+bwd", reps=reps, sdpa_mask_max=16384, device=device)
+                            modes="fwd,bwd,fwd+bwd", reps=reps, sdpa_mask_max=16384, device=device,
+                            window=None)
     return kernels.run(ns)["tables"][0]["rows"]
 
 

@@ -15,7 +15,9 @@ Implementations, side by side in one run:
 Masks: ``causal``; ``full`` (non-causal); ``docs``: causal inside documents
 whose lengths are drawn from a long-tailed lognormal distribution (median
 1024 tokens, sigma 1.5, clipped to [32, S]; a few long documents among many
-short ones; fixed seed per row).
+short ones; fixed seed per row); ``window``: causal with a sliding window of
+``--window`` tokens (Mistral's ``sliding_window``; SDPA gets it as a dense
+mask, as documents).
 
 FLOPs are counted on visible (query, key) pairs (ARCHITECTURE.md):
 forward = 4 * B * H * D * pairs, backward = 2.5x, fwd+bwd = 3.5x. Times are
@@ -36,9 +38,9 @@ import time
 
 import torch
 
-DESCRIPTION = ("attention kernels: forward, backward, fwd+bwd for causal, full and document masks; "
+DESCRIPTION = ("attention kernels: forward, backward, fwd+bwd for causal, full, document and window masks; "
                "Triton vs torch SDPA (flash/cuDNN/efficient) vs FlexAttention, TFLOP/s on visible pairs")
-MASKS = ("causal", "full", "docs")
+MASKS = ("causal", "full", "docs", "window")
 MODES = ("fwd", "bwd", "fwd+bwd")
 GPU_IMPLS = ("triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 CPU_IMPLS = ("torch", "sdpa")
@@ -55,6 +57,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--impls", default="all", help=f"comma-separated subset of {GPU_IMPLS + CPU_IMPLS}, or 'all'")
     p.add_argument("--masks", default=",".join(MASKS))
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding window of the 'window' mask, in tokens (default: a quarter of each seq_len)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--reps", type=int, default=None,
                    help="timed repetitions after warm-up (default 10 on GPU, 1 on CPU; median reported)")
@@ -96,7 +100,7 @@ def _config(ns) -> dict:
         kv_heads=ns.kv_heads or heads, head_dim=ns.head_dim or (128 if gpu else 64),
         dtype=dtype, torch_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype],
         impls=impls, masks=[m.strip() for m in ns.masks.split(",")], modes=[m.strip() for m in ns.modes.split(",")],
-        reps=ns.reps or (10 if gpu else 1), sdpa_mask_max=ns.sdpa_mask_max,
+        reps=ns.reps or (10 if gpu else 1), sdpa_mask_max=ns.sdpa_mask_max, window=ns.window,
     )
 
 
@@ -111,7 +115,8 @@ def _make(cfg, S, mask):
     docs = None
     if mask == "docs":
         docs = torch.stack([long_tailed_doc_ids(S, seed=b) for b in range(B)]).to(dev)
-    return q, k, v, dout, docs, mask != "full"
+    window = (cfg["window"] or max(1, S // 4)) if mask == "window" else None
+    return q, k, v, dout, docs, mask != "full", window
 
 
 # ---------------------------------------------------------------------------
@@ -155,12 +160,12 @@ class Skip(Exception):
 # ---------------------------------------------------------------------------
 
 
-def _longctx_fns(backend, q, k, v, dout, docs, causal):
+def _longctx_fns(backend, q, k, v, dout, docs, causal, window):
     from longctx.kernels import attention_backward, attention_forward
 
     S = q.shape[1]
     idx = torch.arange(S, device=q.device)
-    kw = dict(q_index=idx, k_index=idx, q_doc=docs, k_doc=docs, causal=causal, backend=backend)
+    kw = dict(q_index=idx, k_index=idx, q_doc=docs, k_doc=docs, causal=causal, window=window, backend=backend)
     out, lse = attention_forward(q, k, v, **kw)
 
     def fwd():
@@ -198,7 +203,7 @@ def _autograd_fns(call, q, k, v, dout):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
-def _sdpa_fns(impl, cfg, q, k, v, dout, docs, causal):
+def _sdpa_fns(impl, cfg, q, k, v, dout, docs, causal, window):
     import torch.nn.functional as F
 
     S = q.shape[1]
@@ -210,13 +215,18 @@ def _sdpa_fns(impl, cfg, q, k, v, dout, docs, causal):
         backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
                    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[impl]
     mask = None
-    if docs is not None:
+    if docs is not None or window is not None:
+        what = "document" if docs is not None else "window"
         if impl in ("sdpa-flash", "sdpa-cudnn"):
-            raise Skip("no document masks (SDPA flash/cuDNN take no mask)")
+            raise Skip(f"no {what} masks (SDPA flash/cuDNN take no mask)")
         if S > cfg["sdpa_mask_max"]:
-            raise Skip(f"dense doc mask skipped above {cfg['sdpa_mask_max']} tokens (S^2 bytes)")
-        same = docs[:, :, None] == docs[:, None, :]
-        mask = (same & torch.ones(S, S, dtype=torch.bool, device=q.device).tril())[:, None]
+            raise Skip(f"dense {what} mask skipped above {cfg['sdpa_mask_max']} tokens (S^2 bytes)")
+        i = torch.arange(S, device=q.device)
+        mask = (i[:, None] >= i[None, :])[None, None]
+        if docs is not None:
+            mask = mask & (docs[:, :, None] == docs[:, None, :])[:, None]
+        if window is not None:
+            mask = mask & (i[:, None] - i[None, :] < window)[None, None]
 
     def call(qt, kt, vt):
         kw = dict(enable_gqa=True) if gqa else {}
@@ -243,7 +253,7 @@ def _sdpa_fns(impl, cfg, q, k, v, dout, docs, causal):
 _FLEX = {}
 
 
-def _flex_fns(cfg, q, k, v, dout, docs, causal):
+def _flex_fns(cfg, q, k, v, dout, docs, causal, window):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
@@ -258,6 +268,11 @@ def _flex_fns(cfg, q, k, v, dout, docs, causal):
             return (qi >= ki) & (d[b, qi] == d[b, ki])
 
         block_mask = create_block_mask(mask_mod, B, None, S, S, device=q.device)
+    elif window is not None:
+        def mask_mod(b, h, qi, ki):
+            return (qi >= ki) & (qi - ki < window)
+
+        block_mask = create_block_mask(mask_mod, None, None, S, S, device=q.device)
     elif causal:
         def mask_mod(b, h, qi, ki):
             return qi >= ki
@@ -274,19 +289,19 @@ def _flex_fns(cfg, q, k, v, dout, docs, causal):
     return _autograd_fns(call, q, k, v, dout)
 
 
-def _fns(impl, cfg, q, k, v, dout, docs, causal):
+def _fns(impl, cfg, q, k, v, dout, docs, causal, window):
     if impl == "triton":
         if not cfg["gpu"]:
             raise Skip("Triton kernels need a GPU (CPU: interpreter only, for tests)")
-        return _longctx_fns("triton", q, k, v, dout, docs, causal)
+        return _longctx_fns("triton", q, k, v, dout, docs, causal, window)
     if impl == "torch":
-        return _longctx_fns("torch", q, k, v, dout, docs, causal)
+        return _longctx_fns("torch", q, k, v, dout, docs, causal, window)
     if impl.startswith("sdpa"):
-        return _sdpa_fns(impl, cfg, q, k, v, dout, docs, causal)
+        return _sdpa_fns(impl, cfg, q, k, v, dout, docs, causal, window)
     if impl == "flex":
         if not cfg["gpu"]:
             raise Skip("FlexAttention skipped on CPU (torch.compile time)")
-        return _flex_fns(cfg, q, k, v, dout, docs, causal)
+        return _flex_fns(cfg, q, k, v, dout, docs, causal, window)
     raise Skip(f"unknown implementation {impl!r}")
 
 
@@ -311,14 +326,14 @@ def run(ns) -> dict:
     rows = []
     for S in cfg["seq_lens"]:
         for mask in cfg["masks"]:
-            q, k, v, dout, docs, causal = _make(cfg, S, mask)
+            q, k, v, dout, docs, causal, window = _make(cfg, S, mask)
             idx = torch.arange(S)
             pairs = visible_pairs(idx, idx, None if docs is None else docs.cpu(), None if docs is None else docs.cpu(),
-                                  causal, batch_size=None if docs is not None else B)
+                                  causal, window=window, batch_size=None if docs is not None else B)
             fwd_flops = 4.0 * H * D * pairs
             for impl in cfg["impls"]:
                 try:
-                    fns = _fns(impl, cfg, q, k, v, dout, docs, causal)
+                    fns = _fns(impl, cfg, q, k, v, dout, docs, causal, window)
                     err = None
                 except Skip as s:
                     fns, err = None, str(s)
@@ -349,7 +364,8 @@ def run(ns) -> dict:
         title += ("\nCPU run: torch reference backend and CPU SDPA at small sizes so the command always works; "
                   "the Triton kernels and FlexAttention need a GPU (no GPU figures here)")
     notes = ("docs: causal within documents, lengths lognormal(median 1024, sigma 1.5) clipped to [32, S]. "
-             "SDPA flash/cuDNN take no document mask.")
+             f"window: causal, sliding window of {cfg['window'] or 'S/4'} tokens. "
+             "SDPA flash/cuDNN take no document or window mask.")
     table = dict(title=title, columns=["impl", "mask", "seq", "mode", "ms", "tflops", "note"], rows=rows,
                  notes=notes)
     tables = [table]
