@@ -564,9 +564,13 @@ class _CountMatmuls(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_window_skips_chunks_below_the_window():
+def test_window_skips_chunks_below_the_window(monkeypatch):
     """Only key chunks that reach into the window are computed: with window = chunk,
-    every query chunk but the first touches exactly two key chunks."""
+    every query chunk but the first touches exactly two key chunks (the chunked path:
+    on CPU a window takes the fused path first, test_kernels_cpu_fused.py)."""
+    from longctx.kernels import cpu_fused
+
+    monkeypatch.setenv(cpu_fused.ENV, "0")
     S_long, chunk = 256, 32
     q, k, v, dout = make_inputs(B=1, S_q=S_long, H=2, H_kv=1, D=4, dtype=torch.float32)
     idx = torch.arange(S_long)
