@@ -195,28 +195,27 @@ def _band_segments(lo, hi, rows):
     return out
 
 
-def _lo(q_index, k_index, window):
-    """Per query, the number of keys with ``k_index <= q_index - window`` (below its window)."""
-    return torch.from_numpy(np.searchsorted(k_index.numpy(), (q_index - window).numpy(),
-                                            side="right").astype(np.int64))
-
-
 def _calls(q_index, k_index, causal, window):
     """The calls of one document's (or the whole row's) queries against its keys."""
     hi = _hi(q_index, k_index, causal)
     if window is not None:
-        lo = _lo(q_index, k_index, window)
+        lo = _keys_at_or_below(k_index, q_index - window)  # the keys below each query's window
         if bool(lo.any()):
             return _band_segments(lo, hi, band_rows(window))
     return _segments(hi)
+
+
+def _keys_at_or_below(k_index, bounds):
+    """Per bound, the number of (sorted) keys with ``k_index <= bound``."""
+    # numpy's searchsorted: torch's CPU one runs a parallel region costing milliseconds on a busy machine
+    return torch.from_numpy(np.searchsorted(k_index.numpy(), bounds.numpy(), side="right").astype(np.int64))
 
 
 def _hi(q_index, k_index, causal):
     """Per query, the number of keys with ``k_index <= q_index`` (all keys when not causal)."""
     if not causal:
         return torch.full((q_index.numel(),), k_index.numel(), dtype=torch.int64)
-    # numpy's searchsorted: torch's CPU one runs a parallel region costing milliseconds on a busy machine
-    return torch.from_numpy(np.searchsorted(k_index.numpy(), q_index.numpy(), side="right").astype(np.int64))
+    return _keys_at_or_below(k_index, q_index)
 
 
 def plan(q_index, k_index, q_doc=None, k_doc=None, causal=True, batch=1, window=None):

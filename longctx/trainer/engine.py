@@ -267,7 +267,7 @@ def zero3_gather(params):
                                              modifier_rank=0)
 
 
-def share_master_partition(zero3_optimizer) -> int:
+def share_master_partition(zero3_optimizer) -> None:
     """Let ZeRO-3's optimizer update the model's own partition when the two would be copies.
 
     DeepSpeed keeps a master-weight partition beside the model's partition and skips the
@@ -277,17 +277,12 @@ def share_master_partition(zero3_optimizer) -> int:
     for nothing. Here each such master partition takes the model partition's storage, the
     state DeepSpeed's own aliasing leaves (its copy back after a step, and a checkpoint
     load, then copy a tensor onto itself). bf16 and offloaded partitions differ in dtype
-    or device and are left alone. Returns the bytes freed on this rank."""
-    freed = 0
+    or device (and swapped-out ones in shape) and are left alone."""
     for part, master in zip(zero3_optimizer.fp16_partitioned_groups_flat,
                             zero3_optimizer.fp32_partitioned_groups_flat):
-        if part is None or master.numel() == 0 or master.data_ptr() == part.data_ptr():
-            continue
-        if master.dtype != part.dtype or master.device != part.device or master.shape != part.shape:
+        if part is None or (master.dtype, master.device, master.shape) != (part.dtype, part.device, part.shape):
             continue
         master.data = part.data  # the same tensor object: the optimizer's groups and state keep their keys
-        freed += part.numel() * part.element_size()
-    return freed
 
 
 class DeepSpeedEngine(Engine):
